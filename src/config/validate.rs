@@ -1,0 +1,342 @@
+//! Turns the spanned document into a typed [`Config`], reporting every problem found.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode, Uri};
+
+use super::model::*;
+use super::pattern::PathPattern;
+use super::raw::{Node, Reader, Section};
+use super::values::*;
+
+const ROOT_KEYS: &[&str] = &["server", "upstream", "store", "idempotency", "routes", "record_api"];
+const SERVER_KEYS: &[&str] = &[
+    "listen", "admin_listen", "max_request_body", "header_read_timeout", "body_read_timeout",
+    "max_connections", "shutdown_grace", "tls",
+];
+const UPSTREAM_KEYS: &[&str] = &["url", "connect_timeout", "timeout", "ca_file"];
+const STORE_KEYS: &[&str] = &["backend", "max_bytes", "url", "prefix", "lock_lease", "on_error"];
+const POLICY_KEYS: &[&str] = &[
+    "key_header", "required", "min_key_length", "max_key_length", "ttl", "store_statuses",
+    "concurrent", "wait_timeout", "fingerprint", "body_fingerprint", "scope_headers",
+    "mismatch_status", "replayed_header", "replay_drop_headers", "max_stored_response",
+];
+const ROUTE_KEYS: &[&str] = &["name", "methods", "path", "key", "duplicate_response"];
+const RECORD_API_KEYS: &[&str] = &["listen", "tokens", "ttl", "lease", "rate_limit"];
+
+pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<Config> {
+    let root = &r.root(doc, ROOT_KEYS);
+    let server = server(r, root);
+    let upstream = upstream(r, root);
+    let store = store(r, root);
+    let idem = r.section("idempotency", root.get("idempotency"), POLICY_KEYS);
+    let defaults = Arc::new(policy(r, &idem, &Policy::default()));
+    let routes = routes(r, root, &defaults);
+    let record_api = record_api(r, root);
+    if !r.errors.is_empty() {
+        return None;
+    }
+    Some(Config {
+        server: server?,
+        upstream: upstream?,
+        store: store?,
+        idempotency: defaults,
+        routes,
+        record_api,
+    })
+}
+
+fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
+    let s = r.section("server", root.get("server"), SERVER_KEYS);
+    let tls = r.section("server.tls", s.get("tls"), &["cert_file", "key_file"]);
+    let tls = if tls.is_present() {
+        let cert = required(r, &tls, "cert_file", string);
+        let key = required(r, &tls, "key_file", string);
+        Some(TlsFiles {
+            cert_file: PathBuf::from(cert?),
+            key_file: PathBuf::from(key?),
+        })
+    } else {
+        None
+    };
+    let listen = opt(r, &s, "listen", socket_addr);
+    let default_listen = ([127, 0, 0, 1], 8080).into();
+    Some(ServerConfig {
+        listen: listen.unwrap_or(default_listen),
+        admin_listen: opt(r, &s, "admin_listen", socket_addr),
+        max_request_body: opt(r, &s, "max_request_body", size).unwrap_or(1 << 20),
+        header_read_timeout: dur(r, &s, "header_read_timeout", 10),
+        body_read_timeout: dur(r, &s, "body_read_timeout", 30),
+        max_connections: opt(r, &s, "max_connections", count).unwrap_or(10_000) as usize,
+        shutdown_grace: opt(r, &s, "shutdown_grace", duration).unwrap_or(Duration::from_secs(30)),
+        tls,
+    })
+}
+
+fn dur(r: &mut Reader, sec: &Section, key: &str, default_secs: u64) -> Duration {
+    opt(r, sec, key, positive_duration).unwrap_or(Duration::from_secs(default_secs))
+}
+
+fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
+    let s = r.section("upstream", root.get("upstream"), UPSTREAM_KEYS);
+    let url = if s.is_present() {
+        required(r, &s, "url", upstream_url)
+    } else {
+        let span = root.span.start..root.span.start;
+        r.error("upstream", &span, "missing required table [upstream] with url = \"http://HOST:PORT\"");
+        None
+    };
+    Some(UpstreamConfig {
+        url: url?,
+        connect_timeout: dur(r, &s, "connect_timeout", 2),
+        timeout: dur(r, &s, "timeout", 30),
+        ca_file: opt(r, &s, "ca_file", string).map(PathBuf::from),
+    })
+}
+
+fn upstream_url(r: &mut Reader, path: &str, node: &Node) -> Option<Uri> {
+    let s = r.string(path, node)?;
+    let problem = match s.parse::<Uri>() {
+        Ok(uri) => match (uri.scheme_str(), uri.authority(), uri.path()) {
+            (Some("http" | "https"), Some(_), "/" | "") if uri.query().is_none() => return Some(uri),
+            (Some("http" | "https"), Some(_), _) => "a base path or query is not supported",
+            _ => "must be http://HOST:PORT or https://HOST:PORT",
+        },
+        Err(_) => "not a valid URL",
+    };
+    r.error(path, &node.span, format!("{s:?}: {problem}"));
+    None
+}
+
+fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
+    let s = r.section("store", root.get("store"), STORE_KEYS);
+    let backends = [("memory", Backend::Memory), ("redis", Backend::Redis)];
+    let backend = opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
+    let url = opt(r, &s, "url", string);
+    if backend == Backend::Redis && url.is_none() {
+        r.error(&s.key_path("url"), &s.span.clone(), "required when backend = \"redis\"");
+    }
+    let on_error = [("reject", OnStoreError::Reject), ("pass", OnStoreError::Pass)];
+    Some(StoreConfig {
+        backend,
+        max_bytes: opt(r, &s, "max_bytes", size).unwrap_or(256 << 20),
+        url,
+        prefix: opt(r, &s, "prefix", string).unwrap_or_else(|| "idemgate:".into()),
+        lock_lease: dur(r, &s, "lock_lease", 30),
+        on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error)).unwrap_or(OnStoreError::Reject),
+    })
+}
+
+/// Reads every `[idempotency]` key present in `sec` on top of `base`.
+fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
+    let mut p = base.clone();
+    set(r, sec, "key_header", header_name, &mut p.key_header);
+    set(r, sec, "required", boolean, &mut p.required);
+    set(r, sec, "min_key_length", key_len, &mut p.min_key_length);
+    set(r, sec, "max_key_length", key_len, &mut p.max_key_length);
+    set(r, sec, "ttl", positive_duration, &mut p.ttl);
+    set(r, sec, "store_statuses", status_set, &mut p.store_statuses);
+    let concurrent = [("wait", Concurrent::Wait), ("reject", Concurrent::Reject)];
+    set(r, sec, "concurrent", |r, pa, n| choice(r, pa, n, &concurrent), &mut p.concurrent);
+    set(r, sec, "wait_timeout", positive_duration, &mut p.wait_timeout);
+    set(r, sec, "fingerprint", |r, pa, n| list(r, pa, n, fingerprint_part), &mut p.fingerprint);
+    let body = [("raw", BodyFingerprint::Raw), ("json", BodyFingerprint::Json)];
+    set(r, sec, "body_fingerprint", |r, pa, n| choice(r, pa, n, &body), &mut p.body_fingerprint);
+    set(r, sec, "scope_headers", header_names, &mut p.scope_headers);
+    set(r, sec, "mismatch_status", error_status, &mut p.mismatch_status);
+    set(r, sec, "replayed_header", header_name, &mut p.replayed_header);
+    set(r, sec, "replay_drop_headers", header_names, &mut p.replay_drop_headers);
+    set(r, sec, "max_stored_response", size, &mut p.max_stored_response);
+    if p.min_key_length > p.max_key_length {
+        let span = sec.span.clone();
+        r.error(&sec.key_path("min_key_length"), &span, format!(
+            "min_key_length ({}) is greater than max_key_length ({})",
+            p.min_key_length, p.max_key_length
+        ));
+    }
+    p
+}
+
+fn set<T>(
+    r: &mut Reader,
+    sec: &Section,
+    key: &str,
+    read: impl FnOnce(&mut Reader, &str, &Node) -> Option<T>,
+    slot: &mut T,
+) {
+    if let Some(v) = opt(r, sec, key, read) {
+        *slot = v;
+    }
+}
+
+fn key_len(r: &mut Reader, path: &str, node: &Node) -> Option<usize> {
+    let n = count(r, path, node)?;
+    usize::try_from(n).ok().filter(|n| *n <= 8192).or_else(|| {
+        r.error(path, &node.span, "must be between 1 and 8192");
+        None
+    })
+}
+
+fn error_status(r: &mut Reader, path: &str, node: &Node) -> Option<StatusCode> {
+    let s = status(r, path, node)?;
+    if !(s.is_client_error() || s.is_server_error()) {
+        r.error(path, &node.span, "must be a 4xx or 5xx status");
+        return None;
+    }
+    Some(s)
+}
+
+fn fingerprint_part(r: &mut Reader, path: &str, node: &Node) -> Option<FingerprintPart> {
+    let s = r.string(path, node)?;
+    let part = match s.as_str() {
+        "method" => FingerprintPart::Method,
+        "path" => FingerprintPart::Path,
+        "query" => FingerprintPart::Query,
+        "body" => FingerprintPart::Body,
+        other => match other.strip_prefix("header:").map(|h| http::HeaderName::from_bytes(h.as_bytes())) {
+            Some(Ok(h)) => FingerprintPart::Header(h),
+            _ => {
+                let msg = format!("invalid part {s:?}; expected \"method\", \"path\", \"query\", \"body\" or \"header:NAME\"");
+                r.error(path, &node.span, msg);
+                return None;
+            }
+        },
+    };
+    Some(part)
+}
+
+fn routes(r: &mut Reader, root: &Section, defaults: &Arc<Policy>) -> Vec<Route> {
+    let Some(node) = root.get("routes") else {
+        return Vec::new();
+    };
+    let Some(items) = r.array("routes", &node) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Route> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(route) = route(r, &path, item, defaults) else {
+            continue;
+        };
+        if out.iter().any(|other| other.name == route.name) {
+            let span = node.span.clone();
+            r.error(&format!("{path}.name"), &span, format!("duplicate route name {:?}", route.name));
+        }
+        out.push(route);
+    }
+    out
+}
+
+fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Option<Route> {
+    let allowed: Vec<&str> = ROUTE_KEYS.iter().chain(POLICY_KEYS).copied().collect();
+    let sec = r.section(path, Some(node), &allowed);
+    let name = required(r, &sec, "name", string);
+    let methods = opt(r, &sec, "methods", methods).unwrap_or_else(|| vec![http::Method::POST]);
+    let pattern = required(r, &sec, "path", |r, p, n| {
+        let s = r.string(p, n)?;
+        PathPattern::parse(&s).map_err(|e| r.error(p, &n.span, e)).ok()
+    });
+    let policy = Arc::new(policy(r, &sec, defaults));
+    let key = match sec.get("key") {
+        Some(n) => key_source(r, &sec.key_path("key"), n),
+        None => Some(KeySource::Header(policy.key_header.clone())),
+    };
+    let duplicate_response = match sec.get("duplicate_response") {
+        Some(n) => Some(duplicate_response(r, &sec.key_path("duplicate_response"), n)?),
+        None => None,
+    };
+    Some(Route {
+        name: Arc::from(name?.as_str()),
+        methods,
+        path: pattern?,
+        key: key?,
+        policy,
+        duplicate_response,
+    })
+}
+
+fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
+    let sec = r.section(path, Some(node), &["header", "json_pointer"]);
+    let header = opt(r, &sec, "header", header_name);
+    let pointer = opt(r, &sec, "json_pointer", |r, p, n| {
+        let s = r.string(p, n)?;
+        if !(s.is_empty() || s.starts_with('/')) {
+            r.error(p, &n.span, format!("{s:?} is not a JSON pointer (RFC 6901): it must start with '/'"));
+            return None;
+        }
+        Some(s)
+    });
+    match (header, pointer) {
+        (Some(h), None) => Some(KeySource::Header(h)),
+        (None, Some(p)) => Some(KeySource::JsonPointer(p)),
+        _ => {
+            let span = sec.span.clone();
+            r.error(path, &span, "give exactly one of { header = \"NAME\" } or { json_pointer = \"/id\" }");
+            None
+        }
+    }
+}
+
+fn duplicate_response(r: &mut Reader, path: &str, node: Node) -> Option<DuplicateResponse> {
+    let sec = r.section(path, Some(node), &["status", "body", "content_type"]);
+    let status = opt(r, &sec, "status", status).unwrap_or(StatusCode::OK);
+    let body = opt(r, &sec, "body", string).unwrap_or_default();
+    let content_type = opt(r, &sec, "content_type", |r, p, n| {
+        let s = r.string(p, n)?;
+        HeaderValue::from_str(&s).map_err(|_| r.error(p, &n.span, "invalid header value")).ok()
+    });
+    Some(DuplicateResponse {
+        status,
+        body: body.into(),
+        content_type: content_type.unwrap_or(HeaderValue::from_static("application/json")),
+    })
+}
+
+fn record_api(r: &mut Reader, root: &Section) -> Option<RecordApiConfig> {
+    let node = root.get("record_api")?;
+    let sec = r.section("record_api", Some(node), RECORD_API_KEYS);
+    let listen = required(r, &sec, "listen", socket_addr);
+    let tokens = required(r, &sec, "tokens", |r, p, n| list(r, p, n, token));
+    let rate_limit = opt(r, &sec, "rate_limit", rate_limit);
+    Some(RecordApiConfig {
+        listen: listen?,
+        tokens: tokens?,
+        ttl: opt(r, &sec, "ttl", positive_duration).unwrap_or(Duration::from_secs(24 * 3600)),
+        lease: dur(r, &sec, "lease", 30),
+        rate_limit,
+    })
+}
+
+fn token(r: &mut Reader, path: &str, node: &Node) -> Option<String> {
+    let s = r.string(path, node)?;
+    let Some(var) = s.strip_prefix("env:") else {
+        return Some(s);
+    };
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            r.error(path, &node.span, format!("environment variable {var} is not set"));
+            None
+        }
+    }
+}
+
+fn rate_limit(r: &mut Reader, path: &str, node: &Node) -> Option<RateLimit> {
+    let s = r.string(path, node)?;
+    let parsed = s.split_once('/').and_then(|(n, unit)| {
+        let count: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        Some(RateLimit { count, per })
+    });
+    parsed.or_else(|| {
+        r.error(path, &node.span, format!("invalid rate {s:?}; use \"N/s\", \"N/m\" or \"N/h\""));
+        None
+    })
+}

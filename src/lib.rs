@@ -1,0 +1,138 @@
+//! idemgate: a reverse proxy that makes the unsafe endpoints of an HTTP API safe to
+//! retry, by enforcing idempotency keys on the routes its config lists.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, read with spans, validated into typed values.
+//! - [`server`]: accept loop (TLS, HTTP/1.1 + HTTP/2, limits, drain) and the admin listener.
+//! - [`proxy`]: the request pipeline: pass-through streaming, and on enforced routes
+//!   route → key → body → fingerprint → store → replay | wait | forward and record.
+//! - [`error`]: the one mapping from failures to problem+json responses.
+//! - [`body`]: the body type shared by every stage.
+//! - [`telemetry`]: logging set-up.
+//!
+//! [`run`] wires them together; the shutdown signal is passed in as a future so tests
+//! and the binary stop the proxy the same way.
+
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use config::Config;
+use proxy::{Proxy, Upstream};
+use server::admin::AdminState;
+
+/// The sockets idemgate serves on, bound before [`run`] so callers can learn the ports.
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> std::io::Result<Self> {
+        let proxy = TcpListener::bind(config.server.listen).await?;
+        let admin = match config.server.admin_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+
+    pub fn proxy_addr(&self) -> std::io::Result<SocketAddr> {
+        self.proxy.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// Runs the proxy until `shutdown` completes, then drains: stop accepting, let in-flight
+/// exchanges finish and be recorded within `server.shutdown_grace`, return.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let config = Arc::new(config);
+    let upstream = Upstream::new(&config.upstream)?;
+    let tls = match &config.server.tls {
+        Some(files) => Some(server::tls::acceptor(files)?),
+        None => None,
+    };
+    let tasks = TaskTracker::new();
+    let proxy = Proxy::new(config.clone(), upstream, tasks.clone());
+    let stop = CancellationToken::new();
+    let admin_stop = CancellationToken::new();
+    let admin_state = AdminState::default();
+    if let Some(admin) = listeners.admin {
+        tokio::spawn(server::admin::serve(admin, admin_state.clone(), admin_stop.clone()));
+    }
+    let serving = tokio::spawn(server::serve(
+        listeners.proxy,
+        tls,
+        proxy,
+        config.server.clone(),
+        stop.clone(),
+    ));
+    shutdown.await;
+    tracing::info!("shutting down: draining connections");
+    admin_state.draining.store(true, Ordering::Release);
+    stop.cancel();
+    let _ = serving.await;
+    tasks.close();
+    if tokio::time::timeout(config.server.shutdown_grace, tasks.wait()).await.is_err() {
+        tracing::warn!("shutdown grace passed with upstream exchanges still running");
+    }
+    admin_stop.cancel();
+    Ok(())
+}
+
+/// What the binary runs: bind, log the addresses, run until SIGTERM or SIGINT.
+pub async fn serve_until_signalled(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<(), String> {
+    let listeners = Listeners::bind(&config)
+        .await
+        .map_err(|e| format!("cannot bind {}: {e}", config.server.listen))?;
+    let proxy_addr = listeners.proxy_addr().map_err(|e| e.to_string())?;
+    tracing::info!(
+        listen = %proxy_addr,
+        admin = ?listeners.admin_addr(),
+        upstream = %config.upstream.url,
+        config = ?config_path,
+        "idemgate listening"
+    );
+    run(config, listeners, signals::terminate()).await
+}
+
+mod signals {
+    /// Completes on SIGTERM or SIGINT.
+    pub async fn terminate() {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Header rules shared by both directions: hop-by-hop headers (and every header the
+//! `Connection` header names) never cross the proxy, bodies are re-framed, and forwarded
+//! requests learn who the client was.
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, response, Uri, Version};
+
+/// RFC 9110 §7.6.1 plus the de-facto ones proxies also drop.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Who is on the other side of a client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Rewrites a client request's head so it can be sent to `upstream`.
+pub fn to_upstream(parts: &mut request::Parts, conn: &ConnInfo, upstream: &Uri) {
+    let host = client_host(parts);
+    strip_hop_by_hop(&mut parts.headers);
+    // Bodies are re-framed: hyper derives the framing from the body we hand it.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if let Some(host) = &host {
+        if !parts.headers.contains_key(header::HOST) {
+            parts.headers.insert(header::HOST, host.clone());
+        }
+        parts.headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    append_forwarded_for(&mut parts.headers, conn.peer);
+    let proto = if conn.tls { "https" } else { "http" };
+    parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    parts.uri = upstream_uri(upstream, &parts.uri);
+    parts.version = Version::HTTP_11;
+}
+
+/// The host the client asked for: `Host` on HTTP/1, `:authority` on HTTP/2.
+fn client_host(parts: &request::Parts) -> Option<HeaderValue> {
+    if let Some(h) = parts.headers.get(header::HOST) {
+        return Some(h.clone());
+    }
+    let authority = parts.uri.authority()?;
+    HeaderValue::from_str(authority.as_str()).ok()
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    headers.remove(&X_FORWARDED_FOR);
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+}
+
+fn upstream_uri(upstream: &Uri, original: &Uri) -> Uri {
+    let path_and_query = original
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let mut builder = Uri::builder();
+    if let Some(s) = upstream.scheme() {
+        builder = builder.scheme(s.clone());
+    }
+    if let Some(a) = upstream.authority() {
+        builder = builder.authority(a.clone());
+    }
+    builder.path_and_query(path_and_query).build().unwrap_or_else(|_| upstream.clone())
+}
+
+/// Cleans an upstream response head before it goes back to the client.
+pub fn to_client(parts: &mut response::Parts) {
+    let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
+    strip_hop_by_hop(&mut parts.headers);
+    if chunked {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}
