@@ -82,11 +82,13 @@ impl<'s> Reader<'s> {
         allowed: &[&str],
     ) -> Section<'a, 'i> {
         let span = node.as_ref().map(|n| n.span.clone()).unwrap_or(0..0);
-        let table = match node.map(|n| n.value) {
+        let table = match node.as_ref().map(|n| n.value) {
             None => None,
             Some(DeValue::Table(t)) => Some(t),
             Some(_) => {
-                self.error(path, &span, "expected a table");
+                if let Some(n) = &node {
+                    self.expected::<()>(path, n, "a table");
+                }
                 None
             }
         };

@@ -50,20 +50,23 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
 
 fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
     let s = r.section("server", root.get("server"), SERVER_KEYS);
-    let tls = r.section("server.tls", s.get("tls"), &["cert_file", "key_file"]);
-    let tls = if tls.is_present() {
-        let cert = required(r, &tls, "cert_file", string);
-        let key = required(r, &tls, "key_file", string);
-        Some(TlsFiles {
-            cert_file: PathBuf::from(cert?),
-            key_file: PathBuf::from(key?),
-        })
+    let tls_sec = r.section("server.tls", s.get("tls"), &["cert_file", "key_file"]);
+    let tls = if tls_sec.is_present() {
+        let cert = required(r, &tls_sec, "cert_file", string);
+        let key = required(r, &tls_sec, "key_file", string);
+        match (cert, key) {
+            (Some(c), Some(k)) => Some(Some(TlsFiles {
+                cert_file: PathBuf::from(c),
+                key_file: PathBuf::from(k),
+            })),
+            _ => None,
+        }
     } else {
-        None
+        Some(None)
     };
     let listen = opt(r, &s, "listen", socket_addr);
     let default_listen = ([127, 0, 0, 1], 8080).into();
-    Some(ServerConfig {
+    let config = ServerConfig {
         listen: listen.unwrap_or(default_listen),
         admin_listen: opt(r, &s, "admin_listen", socket_addr),
         max_request_body: opt(r, &s, "max_request_body", size).unwrap_or(1 << 20),
@@ -71,8 +74,9 @@ fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
         body_read_timeout: dur(r, &s, "body_read_timeout", 30),
         max_connections: opt(r, &s, "max_connections", count).unwrap_or(10_000) as usize,
         shutdown_grace: opt(r, &s, "shutdown_grace", duration).unwrap_or(Duration::from_secs(30)),
-        tls,
-    })
+        tls: None,
+    };
+    Some(ServerConfig { tls: tls?, ..config })
 }
 
 fn dur(r: &mut Reader, sec: &Section, key: &str, default_secs: u64) -> Duration {
@@ -88,11 +92,14 @@ fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
         r.error("upstream", &span, "missing required table [upstream] with url = \"http://HOST:PORT\"");
         None
     };
+    let connect_timeout = dur(r, &s, "connect_timeout", 2);
+    let timeout = dur(r, &s, "timeout", 30);
+    let ca_file = opt(r, &s, "ca_file", string).map(PathBuf::from);
     Some(UpstreamConfig {
         url: url?,
-        connect_timeout: dur(r, &s, "connect_timeout", 2),
-        timeout: dur(r, &s, "timeout", 30),
-        ca_file: opt(r, &s, "ca_file", string).map(PathBuf::from),
+        connect_timeout,
+        timeout,
+        ca_file,
     })
 }
 
@@ -149,8 +156,9 @@ fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
     set(r, sec, "replayed_header", header_name, &mut p.replayed_header);
     set(r, sec, "replay_drop_headers", header_names, &mut p.replay_drop_headers);
     set(r, sec, "max_stored_response", size, &mut p.max_stored_response);
-    if p.min_key_length > p.max_key_length {
-        let span = sec.span.clone();
+    let set_here = sec.get("min_key_length").or_else(|| sec.get("max_key_length"));
+    if let (true, Some(node)) = (p.min_key_length > p.max_key_length, set_here) {
+        let span = node.span.clone();
         r.error(&sec.key_path("min_key_length"), &span, format!(
             "min_key_length ({}) is greater than max_key_length ({})",
             p.min_key_length, p.max_key_length
@@ -215,18 +223,33 @@ fn routes(r: &mut Reader, root: &Section, defaults: &Arc<Policy>) -> Vec<Route> 
         return Vec::new();
     };
     let mut out: Vec<Route> = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for (i, item) in items.into_iter().enumerate() {
         let path = format!("routes[{i}]");
-        let Some(route) = route(r, &path, item, defaults) else {
-            continue;
-        };
-        if out.iter().any(|other| other.name == route.name) {
-            let span = node.span.clone();
-            r.error(&format!("{path}.name"), &span, format!("duplicate route name {:?}", route.name));
+        let name = route_name(item.clone());
+        if let Some((name, span)) = name {
+            if names.contains(&name) {
+                r.error(&format!("{path}.name"), &span, format!("duplicate route name {name:?}"));
+            }
+            names.push(name);
         }
-        out.push(route);
+        if let Some(route) = route(r, &path, item, defaults) {
+            out.push(route);
+        }
     }
     out
+}
+
+/// A route's name and where it stands, read without reporting (route() reports).
+fn route_name(node: Node) -> Option<(String, std::ops::Range<usize>)> {
+    let toml::de::DeValue::Table(t) = node.value else {
+        return None;
+    };
+    let (_, v) = t.iter().find(|(k, _)| k.get_ref().as_ref() == "name")?;
+    match v.get_ref() {
+        toml::de::DeValue::String(s) => Some((s.to_string(), v.span())),
+        _ => None,
+    }
 }
 
 fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Option<Route> {
@@ -258,7 +281,11 @@ fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Opti
 }
 
 fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
+    if !matches!(node.value, toml::de::DeValue::Table(_)) {
+        return r.expected(path, &node, "a table { header = \"NAME\" } or { json_pointer = \"/id\" }");
+    }
     let sec = r.section(path, Some(node), &["header", "json_pointer"]);
+    let given = usize::from(sec.get("header").is_some()) + usize::from(sec.get("json_pointer").is_some());
     let header = opt(r, &sec, "header", header_name);
     let pointer = opt(r, &sec, "json_pointer", |r, p, n| {
         let s = r.string(p, n)?;
@@ -271,6 +298,7 @@ fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
     match (header, pointer) {
         (Some(h), None) => Some(KeySource::Header(h)),
         (None, Some(p)) => Some(KeySource::JsonPointer(p)),
+        _ if given == 1 => None,
         _ => {
             let span = sec.span.clone();
             r.error(path, &span, "give exactly one of { header = \"NAME\" } or { json_pointer = \"/id\" }");
@@ -300,11 +328,18 @@ fn record_api(r: &mut Reader, root: &Section) -> Option<RecordApiConfig> {
     let listen = required(r, &sec, "listen", socket_addr);
     let tokens = required(r, &sec, "tokens", |r, p, n| list(r, p, n, token));
     let rate_limit = opt(r, &sec, "rate_limit", rate_limit);
+    let ttl = opt(r, &sec, "ttl", positive_duration).unwrap_or(Duration::from_secs(24 * 3600));
+    let lease = dur(r, &sec, "lease", 30);
+    if let (Some(t), Some(node)) = (&tokens, sec.get("tokens")) {
+        if t.is_empty() {
+            r.error(&sec.key_path("tokens"), &node.span, "must list at least one token");
+        }
+    }
     Some(RecordApiConfig {
         listen: listen?,
         tokens: tokens?,
-        ttl: opt(r, &sec, "ttl", positive_duration).unwrap_or(Duration::from_secs(24 * 3600)),
-        lease: dur(r, &sec, "lease", 30),
+        ttl,
+        lease,
         rate_limit,
     })
 }
@@ -312,11 +347,19 @@ fn record_api(r: &mut Reader, root: &Section) -> Option<RecordApiConfig> {
 fn token(r: &mut Reader, path: &str, node: &Node) -> Option<String> {
     let s = r.string(path, node)?;
     let Some(var) = s.strip_prefix("env:") else {
+        if s.is_empty() {
+            r.error(path, &node.span, "a token cannot be empty");
+            return None;
+        }
         return Some(s);
     };
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
-        _ => {
+        Ok(_) => {
+            r.error(path, &node.span, format!("environment variable {var} is empty"));
+            None
+        }
+        Err(_) => {
             r.error(path, &node.span, format!("environment variable {var} is not set"));
             None
         }

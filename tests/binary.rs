@@ -1,0 +1,109 @@
+//! The real binary as a user runs it: large bodies stream through without the proxy's
+//! memory growing by their size, and SIGTERM drains in-flight exchanges.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
+use idemgate::body::{full, stream};
+use support::*;
+
+const TWENTY_MIB: usize = 20 * 1024 * 1024;
+
+const CONFIG: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "10s"
+
+[upstream]
+url = "{upstream}"
+"#;
+
+async fn pattern_upstream() -> FakeUpstream {
+    FakeUpstream::raw(|req, _| async move {
+        if req.uri().path() == "/download" {
+            return Response::new(stream(PatternBody::new(TWENTY_MIB)));
+        }
+        let verdict = match verify_pattern(req.into_body()).await {
+            Ok(n) => format!("ok {n}"),
+            Err(e) => e,
+        };
+        Response::new(full(verdict))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn twenty_mib_up_and_down_stream_byte_exact_without_buffering() {
+    let upstream = pattern_upstream().await;
+    let proxy = ProxyProcess::spawn(CONFIG, &upstream.url()).await;
+    let client: HyperClient<_, PatternBody> = HyperClient::builder(TokioExecutor::new()).build_http();
+
+    // Warm up once so the baseline includes the connection pools and buffers.
+    let warm = Request::post(proxy.url("/upload")).body(PatternBody::new(CHUNK)).unwrap();
+    let warm = client.request(warm).await.unwrap().into_body().collect().await.unwrap();
+    assert_eq!(warm.to_bytes(), Bytes::from(format!("ok {CHUNK}")));
+    let baseline = proxy.peak_rss_kib();
+
+    let up = Request::post(proxy.url("/upload")).body(PatternBody::new(TWENTY_MIB)).unwrap();
+    let resp = client.request(up).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let verdict = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(verdict, Bytes::from(format!("ok {TWENTY_MIB}")), "upload arrived changed");
+
+    let down = Request::get(proxy.url("/download")).body(PatternBody::new(0)).unwrap();
+    let resp = client.request(down).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(verify_pattern(resp.into_body()).await, Ok(TWENTY_MIB), "download arrived changed");
+
+    let grown_kib = proxy.peak_rss_kib().saturating_sub(baseline);
+    // 20 MiB moved each way; a buffering proxy would grow by at least that much.
+    assert!(grown_kib < 8 * 1024, "proxy peak memory grew by {grown_kib} KiB");
+    assert_eq!(upstream.calls(), 3);
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    let (entered_tx, mut entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let upstream = FakeUpstream::buffered(move |_, _| {
+        let mut release = release_rx.clone();
+        let entered = entered_tx.clone();
+        async move {
+            entered.send(()).unwrap();
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full("finished after SIGTERM"))
+        }
+    })
+    .await;
+    let mut proxy = ProxyProcess::spawn(CONFIG, &upstream.url()).await;
+    let url = proxy.url("/slow");
+    let client = Client::new();
+    let in_flight = tokio::spawn(async move { client.get(&url).await });
+    entered_rx.recv().await.unwrap();
+
+    proxy.signal("TERM");
+    // The drain has begun once the process logs it; only then let the upstream answer.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = proxy.lines.recv().await {
+            if line.contains("draining") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("no drain log line after SIGTERM");
+    release_tx.send(true).unwrap();
+
+    let got = in_flight.await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, Bytes::from("finished after SIGTERM"));
+    let status = proxy.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status:?}");
+}

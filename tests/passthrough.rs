@@ -1,0 +1,197 @@
+//! Routes that are not enforced: the proxy is a faithful, streaming reverse proxy.
+
+mod support;
+
+use std::time::Duration;
+
+use http::{Response, StatusCode};
+use idemgate::body::full;
+use support::*;
+
+const BASE: &str = r#"
+[upstream]
+url = "{upstream}"
+timeout = "2s"
+"#;
+
+#[tokio::test]
+async fn request_and_response_arrive_unchanged() {
+    let upstream = FakeUpstream::buffered(|seen, _| async move {
+        let doc = serde_json::json!({
+            "method": seen.method.as_str(),
+            "uri": seen.uri.to_string(),
+            "x-custom": seen.headers.get("x-custom").map(|v| v.to_str().unwrap()),
+            "host": seen.headers.get("host").map(|v| v.to_str().unwrap()),
+            "content-length": seen.headers.get("content-length").map(|v| v.to_str().unwrap()),
+            "body": String::from_utf8_lossy(&seen.body),
+        });
+        Response::builder()
+            .status(StatusCode::ACCEPTED)
+            .header("x-from-upstream", "yes")
+            .header("content-type", "application/json")
+            .body(full(doc.to_string()))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(BASE, &upstream.url()).await;
+    let client = Client::new();
+    let got = client
+        .send(request(
+            "PATCH",
+            &proxy.url("/v1/things/7?expand=a&x=%20y"),
+            &[("x-custom", "hello"), ("host", "api.example")],
+            "payload bytes",
+        ))
+        .await;
+    assert_eq!(got.status, StatusCode::ACCEPTED);
+    assert_eq!(got.header("x-from-upstream"), Some("yes"));
+    let seen = got.json();
+    assert_eq!(seen["method"], "PATCH");
+    assert_eq!(seen["uri"], "/v1/things/7?expand=a&x=%20y");
+    assert_eq!(seen["x-custom"], "hello");
+    assert_eq!(seen["host"], "api.example");
+    assert_eq!(seen["content-length"], "13");
+    assert_eq!(seen["body"], "payload bytes");
+    assert_eq!(upstream.calls(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_set() {
+    let upstream = FakeUpstream::buffered(|seen, _| async move {
+        let names: Vec<String> = seen.headers.keys().map(|k| k.to_string()).collect();
+        let h = |n: &str| seen.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+        let doc = serde_json::json!({
+            "names": names,
+            "xff": h("x-forwarded-for"),
+            "proto": h("x-forwarded-proto"),
+            "fhost": h("x-forwarded-host"),
+        });
+        Response::builder()
+            .header("connection", "x-upstream-private")
+            .header("x-upstream-private", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-upstream-public", "ok")
+            .body(full(doc.to_string()))
+            .unwrap()
+    })
+    .await;
+    let proxy = TestProxy::start(BASE, &upstream.url()).await;
+    let got = Client::new()
+        .send(request(
+            "GET",
+            &proxy.url("/anything"),
+            &[
+                ("connection", "x-client-private"),
+                ("x-client-private", "1"),
+                ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+                ("te", "trailers"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("host", "shop.example"),
+                ("x-kept", "1"),
+            ],
+            "",
+        ))
+        .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = got.json();
+    let names: Vec<&str> = seen["names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    for gone in ["connection", "x-client-private", "proxy-authorization", "te", "keep-alive"] {
+        assert!(!names.contains(&gone), "{gone} reached the upstream: {names:?}");
+    }
+    assert!(names.contains(&"x-kept"));
+    assert_eq!(seen["xff"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["proto"], "http");
+    assert_eq!(seen["fhost"], "shop.example");
+    assert_eq!(got.header("x-upstream-public"), Some("ok"));
+    assert_eq!(got.header("x-upstream-private"), None);
+    assert_eq!(got.header("keep-alive"), None);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn upstream_down_gives_502_problem() {
+    // Bind and drop a listener to get a port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let proxy = TestProxy::start(BASE, &format!("http://127.0.0.1:{port}")).await;
+    let got = Client::new().get(&proxy.url("/x")).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.code(), "upstream_unavailable");
+    let doc = got.json();
+    assert_eq!(doc["status"], 502);
+    assert!(doc["type"].is_string() && doc["title"].is_string() && doc["detail"].is_string());
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504_problem() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let upstream = FakeUpstream::buffered(move |_, _| {
+        let mut release = release_rx.clone();
+        async move {
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let toml = BASE.replace("timeout = \"2s\"", "timeout = \"200ms\"");
+    let proxy = TestProxy::start(&toml, &upstream.url()).await;
+    let got = Client::new().get(&proxy.url("/slow")).await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.code(), "upstream_timeout");
+    assert_eq!(upstream.calls(), 1);
+    release_tx.send(true).unwrap();
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn request_in_flight_at_shutdown_gets_its_full_response() {
+    let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let entered_rx = std::sync::Arc::new(tokio::sync::Mutex::new(entered_rx));
+    let upstream = FakeUpstream::buffered(move |_, _| {
+        let mut release = release_rx.clone();
+        let entered = entered_tx.clone();
+        async move {
+            entered.send(()).unwrap();
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full(vec![b'z'; 100_000]))
+        }
+    })
+    .await;
+    let mut proxy = TestProxy::start(BASE, &upstream.url()).await;
+    let url = proxy.url("/in-flight");
+    let admin = proxy.admin.unwrap();
+    let client = Client::new();
+    let in_flight = tokio::spawn(async move { client.get(&url).await });
+    entered_rx.lock().await.recv().await.unwrap();
+    let stopped = proxy.trigger_shutdown();
+    // While draining, readiness reports 503 and new connections are refused.
+    let admin_client = Client::new();
+    let readyz = format!("http://{admin}/readyz");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    while admin_client.get(&readyz).await.status != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(tokio::time::Instant::now() < deadline, "readyz never reported draining");
+        poll.tick().await;
+    }
+    release_tx.send(true).unwrap();
+    let got = in_flight.await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body.len(), 100_000);
+    stopped.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn admin_health_endpoints() {
+    let upstream = FakeUpstream::echo().await;
+    let proxy = TestProxy::start(BASE, &upstream.url()).await;
+    let admin = proxy.admin.unwrap();
+    let client = Client::new();
+    assert_eq!(client.get(&format!("http://{admin}/healthz")).await.status, StatusCode::OK);
+    assert_eq!(client.get(&format!("http://{admin}/readyz")).await.status, StatusCode::OK);
+    proxy.shutdown().await;
+}

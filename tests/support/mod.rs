@@ -1,0 +1,415 @@
+//! Test harness: a real counting upstream, the proxy on real sockets, real hyper clients.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use idemgate::body::{full, Body};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+type Handler = Arc<dyn Fn(Request<Incoming>, usize) -> BoxFut + Send + Sync>;
+
+/// An HTTP/1.1 + h2c server on 127.0.0.1:0 that counts the requests it receives.
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl FakeUpstream {
+    /// `handler` gets each raw request and its 1-based call number.
+    pub async fn raw<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Request<Incoming>, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |req, n| Box::pin(handler(req, n)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let counter = calls.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+                    _ = &mut stop_rx => return,
+                };
+                let handler = handler.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                        let fut = handler(req, n);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeUpstream { addr, calls, _stop: stop_tx }
+    }
+
+    /// `handler` gets each request with its body read in full.
+    pub async fn buffered<F, Fut>(handler: F) -> Self
+    where
+        F: Fn(Seen, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        Self::raw(move |req, n| {
+            let handler = handler.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                let seen = Seen { method: parts.method, uri: parts.uri, headers: parts.headers, body };
+                handler(seen, n).await
+            }
+        })
+        .await
+    }
+
+    /// Answers 201 with a JSON body describing the request and its call number.
+    pub async fn echo() -> Self {
+        Self::buffered(|seen, n| async move { echo_response(&seen, n) }).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+pub fn echo_response(seen: &Seen, n: usize) -> Response<Body> {
+    let doc = serde_json::json!({
+        "call": n,
+        "method": seen.method.as_str(),
+        "uri": seen.uri.to_string(),
+        "body": String::from_utf8_lossy(&seen.body),
+    });
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .header("x-upstream-call", n.to_string())
+        .body(full(doc.to_string()))
+        .unwrap()
+}
+
+/// The proxy running in this process on 127.0.0.1:0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+}
+
+/// Base config: `{upstream}` is replaced by the upstream's URL; listeners are forced to
+/// port 0 on loopback.
+pub fn config(toml: &str, upstream: &str) -> idemgate::config::Config {
+    let text = toml.replace("{upstream}", upstream);
+    match idemgate::config::parse(&text) {
+        Ok(mut c) => {
+            c.server.listen = "127.0.0.1:0".parse().unwrap();
+            c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+            c
+        }
+        Err(errors) => panic!("test config invalid: {errors:?}\n{text}"),
+    }
+}
+
+impl TestProxy {
+    pub async fn start(toml: &str, upstream: &str) -> Self {
+        Self::with_config(config(toml, upstream)).await
+    }
+
+    pub async fn with_config(config: idemgate::config::Config) -> Self {
+        let listeners = idemgate::Listeners::bind(&config).await.unwrap();
+        let addr = listeners.proxy_addr().unwrap();
+        let admin = listeners.admin_addr();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(idemgate::run(config, listeners, async move {
+            let _ = stop_rx.await;
+        }));
+        TestProxy { addr, admin, stop: Some(stop_tx), task: Some(task) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Fires the shutdown future and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    pub fn trigger_shutdown(&mut self) -> tokio::task::JoinHandle<Result<(), String>> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.take().unwrap()
+    }
+}
+
+/// A response read in full.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    /// The problem+json `code`, asserting the content type.
+    pub fn code(&self) -> String {
+        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        self.json()["code"].as_str().unwrap().to_string()
+    }
+}
+
+/// A pooled HTTP/1.1 client.
+#[derive(Clone)]
+pub struct Client {
+    inner: HyperClient<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl Client {
+    pub fn new() -> Self {
+        Client { inner: HyperClient::builder(TokioExecutor::new()).build_http() }
+    }
+
+    pub async fn send(&self, req: Request<Full<Bytes>>) -> Got {
+        let resp = self.inner.request(req).await.expect("request failed");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("response body failed").to_bytes();
+        Got { status: parts.status, headers: parts.headers, body }
+    }
+
+    pub async fn post(&self, url: &str, headers: &[(&str, &str)], body: &str) -> Got {
+        self.send(request("POST", url, headers, body)).await
+    }
+
+    pub async fn get(&self, url: &str) -> Got {
+        self.send(request("GET", url, &[], "")).await
+    }
+}
+
+pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+    let mut b = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap()
+}
+
+/// Polls `check` until it holds or `deadline` passes.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, deadline: Duration, mut check: F) {
+    let end = tokio::time::Instant::now() + deadline;
+    let mut poll = tokio::time::interval(Duration::from_millis(5));
+    while !check() {
+        assert!(tokio::time::Instant::now() < end, "not true within {deadline:?}: {what}");
+        poll.tick().await;
+    }
+}
+
+/// A body of `total` bytes following a fixed pattern, produced in chunks as it is read,
+/// so neither side ever holds the whole body.
+pub struct PatternBody {
+    sent: usize,
+    total: usize,
+}
+
+pub const CHUNK: usize = 64 * 1024;
+
+pub fn pattern_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+impl PatternBody {
+    pub fn new(total: usize) -> Self {
+        PatternBody { sent: 0, total }
+    }
+}
+
+impl http_body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.sent >= self.total {
+            return std::task::Poll::Ready(None);
+        }
+        let n = CHUNK.min(self.total - self.sent);
+        let start = self.sent;
+        let chunk: Vec<u8> = (start..start + n).map(pattern_byte).collect();
+        self.sent += n;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(chunk)))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact((self.total - self.sent) as u64)
+    }
+}
+
+/// Reads a body frame by frame, checking each byte against the pattern; returns the
+/// number of bytes read, or the offset of the first wrong byte as an error.
+pub async fn verify_pattern<B>(mut body: B) -> Result<usize, String>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Debug,
+{
+    let mut offset = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body error at {offset}: {e:?}"))?;
+        if let Ok(data) = frame.into_data() {
+            for (i, b) in data.iter().enumerate() {
+                if *b != pattern_byte(offset + i) {
+                    return Err(format!("wrong byte at offset {}", offset + i));
+                }
+            }
+            offset += data.len();
+        }
+    }
+    Ok(offset)
+}
+
+/// The real `idemgate` binary running as a child process.
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Writes `toml` (with `{upstream}` replaced) to a temp file and starts the binary;
+    /// returns once its "idemgate listening" log line names the bound address.
+    pub async fn spawn(toml: &str, upstream: &str) -> Self {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.toml");
+        std::fs::write(&path, toml.replace("{upstream}", upstream)).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
+            .arg("--config")
+            .arg(&path)
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("idemgate binary did not start");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let listening = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let line = rx.recv().await.expect("idemgate exited before listening");
+                let Ok(doc) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if doc["message"] == "idemgate listening" {
+                    return doc;
+                }
+            }
+        })
+        .await
+        .expect("no 'idemgate listening' line within 20s");
+        let addr = listening["listen"].as_str().unwrap().parse().unwrap();
+        let admin = listening["admin"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("Some(").and_then(|s| s.strip_suffix(')')))
+            .and_then(|s| s.parse().ok());
+        ProxyProcess { child, addr, admin, lines: rx, _dir: dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Peak resident memory in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Waits for the process to exit (polling with a deadline) and returns its status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let end = tokio::time::Instant::now() + deadline;
+        let mut poll = tokio::time::interval(Duration::from_millis(10));
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < end, "idemgate did not exit within {deadline:?}");
+            poll.tick().await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
