@@ -42,9 +42,9 @@ impl ProxyError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::KeyMissing { .. } | ProxyError::KeyInvalid(_) | ProxyError::BadRequest(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            ProxyError::KeyMissing { .. }
+            | ProxyError::KeyInvalid(_)
+            | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NotRetained => StatusCode::GONE,
@@ -100,7 +100,10 @@ impl ProxyError {
         let mut resp = Response::new(full(Bytes::from(doc.to_string())));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let ProxyError::InProgress { retry_after } = &self {
             let secs = retry_after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));

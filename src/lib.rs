@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod telemetry;
 
 use std::future::Future;
@@ -73,12 +74,17 @@ pub async fn run(
         None => None,
     };
     let tasks = TaskTracker::new();
-    let proxy = Proxy::new(config.clone(), upstream, tasks.clone());
+    let store = build_store(&config)?;
+    let proxy = Proxy::new(config.clone(), upstream, store, tasks.clone());
     let stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
     let admin_state = AdminState::default();
     if let Some(admin) = listeners.admin {
-        tokio::spawn(server::admin::serve(admin, admin_state.clone(), admin_stop.clone()));
+        tokio::spawn(server::admin::serve(
+            admin,
+            admin_state.clone(),
+            admin_stop.clone(),
+        ));
     }
     let serving = tokio::spawn(server::serve(
         listeners.proxy,
@@ -93,11 +99,23 @@ pub async fn run(
     stop.cancel();
     let _ = serving.await;
     tasks.close();
-    if tokio::time::timeout(config.server.shutdown_grace, tasks.wait()).await.is_err() {
+    if tokio::time::timeout(config.server.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace passed with upstream exchanges still running");
     }
     admin_stop.cancel();
     Ok(())
+}
+
+fn build_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
+    match config.store.backend {
+        config::Backend::Memory => Ok(store::MemoryStore::new(config.store.max_bytes)),
+        config::Backend::Redis => Err(
+            "store.backend = \"redis\" is not available in this build yet; use \"memory\"".into(),
+        ),
+    }
 }
 
 /// What the binary runs: bind, log the addresses, run until SIGTERM or SIGINT.

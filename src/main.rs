@@ -7,10 +7,19 @@ use clap::{Parser, Subcommand};
 use idemgate::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "idemgate", version, about = "Makes the unsafe endpoints of an HTTP API safe to retry")]
+#[command(
+    name = "idemgate",
+    version,
+    about = "Makes the unsafe endpoints of an HTTP API safe to retry"
+)]
 struct Cli {
     /// Config file.
-    #[arg(long, global = true, env = "IDEMGATE_CONFIG", default_value = "proxy.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "IDEMGATE_CONFIG",
+        default_value = "proxy.toml"
+    )]
     config: PathBuf,
     /// Log format (default: pretty on a terminal, json otherwise).
     #[arg(long, global = true, value_enum)]
@@ -65,7 +74,10 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(idemgate::serve_until_signalled(config, Some(path.to_path_buf()))) {
+    match runtime.block_on(idemgate::serve_until_signalled(
+        config,
+        Some(path.to_path_buf()),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -43,28 +43,53 @@ async fn pattern_upstream() -> FakeUpstream {
 async fn twenty_mib_up_and_down_stream_byte_exact_without_buffering() {
     let upstream = pattern_upstream().await;
     let proxy = ProxyProcess::spawn(CONFIG, &upstream.url()).await;
-    let client: HyperClient<_, PatternBody> = HyperClient::builder(TokioExecutor::new()).build_http();
+    let client: HyperClient<_, PatternBody> =
+        HyperClient::builder(TokioExecutor::new()).build_http();
 
     // Warm up once so the baseline includes the connection pools and buffers.
-    let warm = Request::post(proxy.url("/upload")).body(PatternBody::new(CHUNK)).unwrap();
-    let warm = client.request(warm).await.unwrap().into_body().collect().await.unwrap();
+    let warm = Request::post(proxy.url("/upload"))
+        .body(PatternBody::new(CHUNK))
+        .unwrap();
+    let warm = client
+        .request(warm)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap();
     assert_eq!(warm.to_bytes(), Bytes::from(format!("ok {CHUNK}")));
     let baseline = proxy.peak_rss_kib();
 
-    let up = Request::post(proxy.url("/upload")).body(PatternBody::new(TWENTY_MIB)).unwrap();
+    let up = Request::post(proxy.url("/upload"))
+        .body(PatternBody::new(TWENTY_MIB))
+        .unwrap();
     let resp = client.request(up).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let verdict = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(verdict, Bytes::from(format!("ok {TWENTY_MIB}")), "upload arrived changed");
+    assert_eq!(
+        verdict,
+        Bytes::from(format!("ok {TWENTY_MIB}")),
+        "upload arrived changed"
+    );
 
-    let down = Request::get(proxy.url("/download")).body(PatternBody::new(0)).unwrap();
+    let down = Request::get(proxy.url("/download"))
+        .body(PatternBody::new(0))
+        .unwrap();
     let resp = client.request(down).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(verify_pattern(resp.into_body()).await, Ok(TWENTY_MIB), "download arrived changed");
+    assert_eq!(
+        verify_pattern(resp.into_body()).await,
+        Ok(TWENTY_MIB),
+        "download arrived changed"
+    );
 
     let grown_kib = proxy.peak_rss_kib().saturating_sub(baseline);
     // 20 MiB moved each way; a buffering proxy would grow by at least that much.
-    assert!(grown_kib < 8 * 1024, "proxy peak memory grew by {grown_kib} KiB");
+    assert!(
+        grown_kib < 8 * 1024,
+        "proxy peak memory grew by {grown_kib} KiB"
+    );
     assert_eq!(upstream.calls(), 3);
 }
 

@@ -95,9 +95,23 @@ async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_set() {
         .await;
     assert_eq!(got.status, StatusCode::OK);
     let seen = got.json();
-    let names: Vec<&str> = seen["names"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-    for gone in ["connection", "x-client-private", "proxy-authorization", "te", "keep-alive"] {
-        assert!(!names.contains(&gone), "{gone} reached the upstream: {names:?}");
+    let names: Vec<&str> = seen["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for gone in [
+        "connection",
+        "x-client-private",
+        "proxy-authorization",
+        "te",
+        "keep-alive",
+    ] {
+        assert!(
+            !names.contains(&gone),
+            "{gone} reached the upstream: {names:?}"
+        );
     }
     assert!(names.contains(&"x-kept"));
     assert_eq!(seen["xff"], "203.0.113.9, 127.0.0.1");
@@ -175,7 +189,10 @@ async fn request_in_flight_at_shutdown_gets_its_full_response() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut poll = tokio::time::interval(Duration::from_millis(5));
     while admin_client.get(&readyz).await.status != StatusCode::SERVICE_UNAVAILABLE {
-        assert!(tokio::time::Instant::now() < deadline, "readyz never reported draining");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz never reported draining"
+        );
         poll.tick().await;
     }
     release_tx.send(true).unwrap();
@@ -191,7 +208,13 @@ async fn admin_health_endpoints() {
     let proxy = TestProxy::start(BASE, &upstream.url()).await;
     let admin = proxy.admin.unwrap();
     let client = Client::new();
-    assert_eq!(client.get(&format!("http://{admin}/healthz")).await.status, StatusCode::OK);
-    assert_eq!(client.get(&format!("http://{admin}/readyz")).await.status, StatusCode::OK);
+    assert_eq!(
+        client.get(&format!("http://{admin}/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get(&format!("http://{admin}/readyz")).await.status,
+        StatusCode::OK
+    );
     proxy.shutdown().await;
 }

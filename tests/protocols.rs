@@ -22,9 +22,10 @@ async fn h2_get<IO>(io: IO, authority: &str, path: &str) -> (StatusCode, Version
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-        .await
-        .expect("h2 handshake");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .expect("h2 handshake");
     tokio::spawn(conn);
     let req = Request::post(format!("https://{authority}{path}"))
         .body(Full::new(Bytes::from_static(b"over h2")))
@@ -32,7 +33,11 @@ where
     let resp = sender.send_request(req).await.expect("h2 request");
     let status = resp.status();
     let version = resp.version();
-    (status, version, resp.into_body().collect().await.unwrap().to_bytes())
+    (
+        status,
+        version,
+        resp.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 #[tokio::test]
@@ -70,7 +75,9 @@ fn tls_setup(upstream: &str, alpn: &[&[u8]]) -> TlsSetup {
     );
     let config = config(&toml, upstream);
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(certified.cert.der().to_vec())).unwrap();
+    roots
+        .add(CertificateDer::from(certified.cert.der().to_vec()))
+        .unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -78,7 +85,11 @@ fn tls_setup(upstream: &str, alpn: &[&[u8]]) -> TlsSetup {
         .with_root_certificates(roots)
         .with_no_client_auth();
     client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    TlsSetup { _dir: dir, connector: tokio_rustls::TlsConnector::from(Arc::new(client)), config }
+    TlsSetup {
+        _dir: dir,
+        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+        config,
+    }
 }
 
 #[tokio::test]
@@ -105,7 +116,13 @@ async fn tls_termination_negotiates_h2_by_alpn() {
 #[tokio::test]
 async fn tls_termination_serves_http1_and_sets_forwarded_proto() {
     let upstream = FakeUpstream::buffered(|seen, _| async move {
-        let proto = seen.headers.get("x-forwarded-proto").unwrap().to_str().unwrap().to_string();
+        let proto = seen
+            .headers
+            .get("x-forwarded-proto")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         http::Response::new(idemgate::body::full(proto))
     })
     .await;
@@ -117,12 +134,20 @@ async fn tls_termination_serves_http1_and_sets_forwarded_proto() {
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
         .expect("TLS handshake");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = Request::get("/proto").header("host", "localhost").body(Full::new(Bytes::new())).unwrap();
+    let req = Request::get("/proto")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.version(), Version::HTTP_11);
-    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), Bytes::from("https"));
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from("https")
+    );
     proxy.shutdown().await;
 }

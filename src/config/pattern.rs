@@ -37,8 +37,8 @@ impl PathPattern {
                 Some(name) => (true, name),
                 None => (false, inner),
             };
-            let valid_name = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            let valid_name =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
             if !valid_name {
                 return Err(format!("path {source:?}: bad parameter name in {part:?}"));
             }
@@ -55,7 +55,9 @@ impl PathPattern {
             ));
         }
         if part.contains(['?', '#']) {
-            return Err(format!("path {source:?}: no query or fragment in a route path"));
+            return Err(format!(
+                "path {source:?}: no query or fragment in a route path"
+            ));
         }
         Ok(Segment::Literal(part.to_string()))
     }

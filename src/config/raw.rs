@@ -62,7 +62,11 @@ impl<'s> Reader<'s> {
 
     pub fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.src.len());
-        self.src.as_bytes()[..end].iter().filter(|b| **b == b'\n').count() + 1
+        self.src.as_bytes()[..end]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1
     }
 
     pub fn error(&mut self, path: &str, span: &Range<usize>, message: impl Into<String>) {
@@ -103,7 +107,11 @@ impl<'s> Reader<'s> {
     }
 
     /// The document itself as a section allowing `allowed` top-level keys.
-    pub fn root<'a, 'i>(&mut self, doc: &'a Spanned<DeTable<'i>>, allowed: &[&str]) -> Section<'a, 'i> {
+    pub fn root<'a, 'i>(
+        &mut self,
+        doc: &'a Spanned<DeTable<'i>>,
+        allowed: &[&str],
+    ) -> Section<'a, 'i> {
         self.check_keys("", doc.get_ref(), allowed);
         Section {
             path: String::new(),

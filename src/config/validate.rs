@@ -11,17 +11,49 @@ use super::pattern::PathPattern;
 use super::raw::{Node, Reader, Section};
 use super::values::*;
 
-const ROOT_KEYS: &[&str] = &["server", "upstream", "store", "idempotency", "routes", "record_api"];
+const ROOT_KEYS: &[&str] = &[
+    "server",
+    "upstream",
+    "store",
+    "idempotency",
+    "routes",
+    "record_api",
+];
 const SERVER_KEYS: &[&str] = &[
-    "listen", "admin_listen", "max_request_body", "header_read_timeout", "body_read_timeout",
-    "max_connections", "shutdown_grace", "tls",
+    "listen",
+    "admin_listen",
+    "max_request_body",
+    "header_read_timeout",
+    "body_read_timeout",
+    "max_connections",
+    "shutdown_grace",
+    "tls",
 ];
 const UPSTREAM_KEYS: &[&str] = &["url", "connect_timeout", "timeout", "ca_file"];
-const STORE_KEYS: &[&str] = &["backend", "max_bytes", "url", "prefix", "lock_lease", "on_error"];
+const STORE_KEYS: &[&str] = &[
+    "backend",
+    "max_bytes",
+    "url",
+    "prefix",
+    "lock_lease",
+    "on_error",
+];
 const POLICY_KEYS: &[&str] = &[
-    "key_header", "required", "min_key_length", "max_key_length", "ttl", "store_statuses",
-    "concurrent", "wait_timeout", "fingerprint", "body_fingerprint", "scope_headers",
-    "mismatch_status", "replayed_header", "replay_drop_headers", "max_stored_response",
+    "key_header",
+    "required",
+    "min_key_length",
+    "max_key_length",
+    "ttl",
+    "store_statuses",
+    "concurrent",
+    "wait_timeout",
+    "fingerprint",
+    "body_fingerprint",
+    "scope_headers",
+    "mismatch_status",
+    "replayed_header",
+    "replay_drop_headers",
+    "max_stored_response",
 ];
 const ROUTE_KEYS: &[&str] = &["name", "methods", "path", "key", "duplicate_response"];
 const RECORD_API_KEYS: &[&str] = &["listen", "tokens", "ttl", "lease", "rate_limit"];
@@ -76,7 +108,10 @@ fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
         shutdown_grace: opt(r, &s, "shutdown_grace", duration).unwrap_or(Duration::from_secs(30)),
         tls: None,
     };
-    Some(ServerConfig { tls: tls?, ..config })
+    Some(ServerConfig {
+        tls: tls?,
+        ..config
+    })
 }
 
 fn dur(r: &mut Reader, sec: &Section, key: &str, default_secs: u64) -> Duration {
@@ -89,7 +124,11 @@ fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
         required(r, &s, "url", upstream_url)
     } else {
         let span = root.span.start..root.span.start;
-        r.error("upstream", &span, "missing required table [upstream] with url = \"http://HOST:PORT\"");
+        r.error(
+            "upstream",
+            &span,
+            "missing required table [upstream] with url = \"http://HOST:PORT\"",
+        );
         None
     };
     let connect_timeout = dur(r, &s, "connect_timeout", 2);
@@ -107,7 +146,9 @@ fn upstream_url(r: &mut Reader, path: &str, node: &Node) -> Option<Uri> {
     let s = r.string(path, node)?;
     let problem = match s.parse::<Uri>() {
         Ok(uri) => match (uri.scheme_str(), uri.authority(), uri.path()) {
-            (Some("http" | "https"), Some(_), "/" | "") if uri.query().is_none() => return Some(uri),
+            (Some("http" | "https"), Some(_), "/" | "") if uri.query().is_none() => {
+                return Some(uri)
+            }
             (Some("http" | "https"), Some(_), _) => "a base path or query is not supported",
             _ => "must be http://HOST:PORT or https://HOST:PORT",
         },
@@ -120,19 +161,28 @@ fn upstream_url(r: &mut Reader, path: &str, node: &Node) -> Option<Uri> {
 fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
     let s = r.section("store", root.get("store"), STORE_KEYS);
     let backends = [("memory", Backend::Memory), ("redis", Backend::Redis)];
-    let backend = opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
+    let backend =
+        opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
     let url = opt(r, &s, "url", string);
     if backend == Backend::Redis && url.is_none() {
-        r.error(&s.key_path("url"), &s.span.clone(), "required when backend = \"redis\"");
+        r.error(
+            &s.key_path("url"),
+            &s.span.clone(),
+            "required when backend = \"redis\"",
+        );
     }
-    let on_error = [("reject", OnStoreError::Reject), ("pass", OnStoreError::Pass)];
+    let on_error = [
+        ("reject", OnStoreError::Reject),
+        ("pass", OnStoreError::Pass),
+    ];
     Some(StoreConfig {
         backend,
         max_bytes: opt(r, &s, "max_bytes", size).unwrap_or(256 << 20),
         url,
         prefix: opt(r, &s, "prefix", string).unwrap_or_else(|| "idemgate:".into()),
         lock_lease: dur(r, &s, "lock_lease", 30),
-        on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error)).unwrap_or(OnStoreError::Reject),
+        on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error))
+            .unwrap_or(OnStoreError::Reject),
     })
 }
 
@@ -146,23 +196,80 @@ fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
     set(r, sec, "ttl", positive_duration, &mut p.ttl);
     set(r, sec, "store_statuses", status_set, &mut p.store_statuses);
     let concurrent = [("wait", Concurrent::Wait), ("reject", Concurrent::Reject)];
-    set(r, sec, "concurrent", |r, pa, n| choice(r, pa, n, &concurrent), &mut p.concurrent);
-    set(r, sec, "wait_timeout", positive_duration, &mut p.wait_timeout);
-    set(r, sec, "fingerprint", |r, pa, n| list(r, pa, n, fingerprint_part), &mut p.fingerprint);
-    let body = [("raw", BodyFingerprint::Raw), ("json", BodyFingerprint::Json)];
-    set(r, sec, "body_fingerprint", |r, pa, n| choice(r, pa, n, &body), &mut p.body_fingerprint);
+    set(
+        r,
+        sec,
+        "concurrent",
+        |r, pa, n| choice(r, pa, n, &concurrent),
+        &mut p.concurrent,
+    );
+    set(
+        r,
+        sec,
+        "wait_timeout",
+        positive_duration,
+        &mut p.wait_timeout,
+    );
+    set(
+        r,
+        sec,
+        "fingerprint",
+        |r, pa, n| list(r, pa, n, fingerprint_part),
+        &mut p.fingerprint,
+    );
+    let body = [
+        ("raw", BodyFingerprint::Raw),
+        ("json", BodyFingerprint::Json),
+    ];
+    set(
+        r,
+        sec,
+        "body_fingerprint",
+        |r, pa, n| choice(r, pa, n, &body),
+        &mut p.body_fingerprint,
+    );
     set(r, sec, "scope_headers", header_names, &mut p.scope_headers);
-    set(r, sec, "mismatch_status", error_status, &mut p.mismatch_status);
-    set(r, sec, "replayed_header", header_name, &mut p.replayed_header);
-    set(r, sec, "replay_drop_headers", header_names, &mut p.replay_drop_headers);
-    set(r, sec, "max_stored_response", size, &mut p.max_stored_response);
-    let set_here = sec.get("min_key_length").or_else(|| sec.get("max_key_length"));
+    set(
+        r,
+        sec,
+        "mismatch_status",
+        error_status,
+        &mut p.mismatch_status,
+    );
+    set(
+        r,
+        sec,
+        "replayed_header",
+        header_name,
+        &mut p.replayed_header,
+    );
+    set(
+        r,
+        sec,
+        "replay_drop_headers",
+        header_names,
+        &mut p.replay_drop_headers,
+    );
+    set(
+        r,
+        sec,
+        "max_stored_response",
+        size,
+        &mut p.max_stored_response,
+    );
+    let set_here = sec
+        .get("min_key_length")
+        .or_else(|| sec.get("max_key_length"));
     if let (true, Some(node)) = (p.min_key_length > p.max_key_length, set_here) {
         let span = node.span.clone();
-        r.error(&sec.key_path("min_key_length"), &span, format!(
-            "min_key_length ({}) is greater than max_key_length ({})",
-            p.min_key_length, p.max_key_length
-        ));
+        r.error(
+            &sec.key_path("min_key_length"),
+            &span,
+            format!(
+                "min_key_length ({}) is greater than max_key_length ({})",
+                p.min_key_length, p.max_key_length
+            ),
+        );
     }
     p
 }
@@ -203,7 +310,10 @@ fn fingerprint_part(r: &mut Reader, path: &str, node: &Node) -> Option<Fingerpri
         "path" => FingerprintPart::Path,
         "query" => FingerprintPart::Query,
         "body" => FingerprintPart::Body,
-        other => match other.strip_prefix("header:").map(|h| http::HeaderName::from_bytes(h.as_bytes())) {
+        other => match other
+            .strip_prefix("header:")
+            .map(|h| http::HeaderName::from_bytes(h.as_bytes()))
+        {
             Some(Ok(h)) => FingerprintPart::Header(h),
             _ => {
                 let msg = format!("invalid part {s:?}; expected \"method\", \"path\", \"query\", \"body\" or \"header:NAME\"");
@@ -229,7 +339,11 @@ fn routes(r: &mut Reader, root: &Section, defaults: &Arc<Policy>) -> Vec<Route> 
         let name = route_name(item.clone());
         if let Some((name, span)) = name {
             if names.contains(&name) {
-                r.error(&format!("{path}.name"), &span, format!("duplicate route name {name:?}"));
+                r.error(
+                    &format!("{path}.name"),
+                    &span,
+                    format!("duplicate route name {name:?}"),
+                );
             }
             names.push(name);
         }
@@ -259,7 +373,9 @@ fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Opti
     let methods = opt(r, &sec, "methods", methods).unwrap_or_else(|| vec![http::Method::POST]);
     let pattern = required(r, &sec, "path", |r, p, n| {
         let s = r.string(p, n)?;
-        PathPattern::parse(&s).map_err(|e| r.error(p, &n.span, e)).ok()
+        PathPattern::parse(&s)
+            .map_err(|e| r.error(p, &n.span, e))
+            .ok()
     });
     let policy = Arc::new(policy(r, &sec, defaults));
     let key = match sec.get("key") {
@@ -267,7 +383,11 @@ fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Opti
         None => Some(KeySource::Header(policy.key_header.clone())),
     };
     let duplicate_response = match sec.get("duplicate_response") {
-        Some(n) => Some(duplicate_response(r, &sec.key_path("duplicate_response"), n)?),
+        Some(n) => Some(duplicate_response(
+            r,
+            &sec.key_path("duplicate_response"),
+            n,
+        )?),
         None => None,
     };
     Some(Route {
@@ -282,15 +402,24 @@ fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Opti
 
 fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
     if !matches!(node.value, toml::de::DeValue::Table(_)) {
-        return r.expected(path, &node, "a table { header = \"NAME\" } or { json_pointer = \"/id\" }");
+        return r.expected(
+            path,
+            &node,
+            "a table { header = \"NAME\" } or { json_pointer = \"/id\" }",
+        );
     }
     let sec = r.section(path, Some(node), &["header", "json_pointer"]);
-    let given = usize::from(sec.get("header").is_some()) + usize::from(sec.get("json_pointer").is_some());
+    let given =
+        usize::from(sec.get("header").is_some()) + usize::from(sec.get("json_pointer").is_some());
     let header = opt(r, &sec, "header", header_name);
     let pointer = opt(r, &sec, "json_pointer", |r, p, n| {
         let s = r.string(p, n)?;
         if !(s.is_empty() || s.starts_with('/')) {
-            r.error(p, &n.span, format!("{s:?} is not a JSON pointer (RFC 6901): it must start with '/'"));
+            r.error(
+                p,
+                &n.span,
+                format!("{s:?} is not a JSON pointer (RFC 6901): it must start with '/'"),
+            );
             return None;
         }
         Some(s)
@@ -301,7 +430,11 @@ fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
         _ if given == 1 => None,
         _ => {
             let span = sec.span.clone();
-            r.error(path, &span, "give exactly one of { header = \"NAME\" } or { json_pointer = \"/id\" }");
+            r.error(
+                path,
+                &span,
+                "give exactly one of { header = \"NAME\" } or { json_pointer = \"/id\" }",
+            );
             None
         }
     }
@@ -313,7 +446,9 @@ fn duplicate_response(r: &mut Reader, path: &str, node: Node) -> Option<Duplicat
     let body = opt(r, &sec, "body", string).unwrap_or_default();
     let content_type = opt(r, &sec, "content_type", |r, p, n| {
         let s = r.string(p, n)?;
-        HeaderValue::from_str(&s).map_err(|_| r.error(p, &n.span, "invalid header value")).ok()
+        HeaderValue::from_str(&s)
+            .map_err(|_| r.error(p, &n.span, "invalid header value"))
+            .ok()
     });
     Some(DuplicateResponse {
         status,
@@ -332,7 +467,11 @@ fn record_api(r: &mut Reader, root: &Section) -> Option<RecordApiConfig> {
     let lease = dur(r, &sec, "lease", 30);
     if let (Some(t), Some(node)) = (&tokens, sec.get("tokens")) {
         if t.is_empty() {
-            r.error(&sec.key_path("tokens"), &node.span, "must list at least one token");
+            r.error(
+                &sec.key_path("tokens"),
+                &node.span,
+                "must list at least one token",
+            );
         }
     }
     Some(RecordApiConfig {
@@ -356,11 +495,19 @@ fn token(r: &mut Reader, path: &str, node: &Node) -> Option<String> {
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => Some(v),
         Ok(_) => {
-            r.error(path, &node.span, format!("environment variable {var} is empty"));
+            r.error(
+                path,
+                &node.span,
+                format!("environment variable {var} is empty"),
+            );
             None
         }
         Err(_) => {
-            r.error(path, &node.span, format!("environment variable {var} is not set"));
+            r.error(
+                path,
+                &node.span,
+                format!("environment variable {var} is not set"),
+            );
             None
         }
     }
@@ -379,7 +526,11 @@ fn rate_limit(r: &mut Reader, path: &str, node: &Node) -> Option<RateLimit> {
         Some(RateLimit { count, per })
     });
     parsed.or_else(|| {
-        r.error(path, &node.span, format!("invalid rate {s:?}; use \"N/s\", \"N/m\" or \"N/h\""));
+        r.error(
+            path,
+            &node.span,
+            format!("invalid rate {s:?}; use \"N/s\", \"N/m\" or \"N/h\""),
+        );
         None
     })
 }

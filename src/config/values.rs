@@ -49,7 +49,11 @@ pub fn duration(r: &mut Reader, path: &str, node: &Node) -> Option<Duration> {
     match humantime::parse_duration(&s) {
         Ok(d) => Some(d),
         Err(e) => {
-            r.error(path, &node.span, format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"30s\", \"24h\""));
+            r.error(
+                path,
+                &node.span,
+                format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"30s\", \"24h\""),
+            );
             None
         }
     }
@@ -93,7 +97,9 @@ pub fn size(r: &mut Reader, path: &str, node: &Node) -> Option<u64> {
     }
     let s = r.string(path, node)?;
     parse_size(&s).or_else(|| {
-        let msg = format!("invalid size {s:?}; use bytes (1048576) or a unit: \"512KiB\", \"1MiB\", \"1GiB\"");
+        let msg = format!(
+            "invalid size {s:?}; use bytes (1048576) or a unit: \"512KiB\", \"1MiB\", \"1GiB\""
+        );
         r.error(path, &node.span, msg);
         None
     })
@@ -154,7 +160,11 @@ pub fn status(r: &mut Reader, path: &str, node: &Node) -> Option<StatusCode> {
     match u16::try_from(n).ok().filter(|n| (100..=599).contains(n)) {
         Some(n) => StatusCode::from_u16(n).ok(),
         None => {
-            r.error(path, &node.span, format!("{n} is not an HTTP status (100-599)"));
+            r.error(
+                path,
+                &node.span,
+                format!("{n} is not an HTTP status (100-599)"),
+            );
             None
         }
     }
@@ -171,7 +181,11 @@ pub fn status_set(r: &mut Reader, path: &str, node: &Node) -> Option<StatusSet> 
                 .and_then(|c| c.parse::<u16>().ok())
                 .filter(|c| (1..=5).contains(c));
             if class.is_none() {
-                r.error(p, &n.span, format!("invalid status class {s:?}; use \"1xx\"..\"5xx\" or a number"));
+                r.error(
+                    p,
+                    &n.span,
+                    format!("invalid status class {s:?}; use \"1xx\"..\"5xx\" or a number"),
+                );
             }
             class.map(|c| (Some(c), None))
         }
@@ -211,6 +225,10 @@ pub fn choice<T: Copy>(
         return Some(*v);
     }
     let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
-    r.error(path, &node.span, format!("invalid value {s:?}; expected one of {}", names.join(", ")));
+    r.error(
+        path,
+        &node.span,
+        format!("invalid value {s:?}; expected one of {}", names.join(", ")),
+    );
     None
 }

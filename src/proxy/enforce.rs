@@ -1,1 +1,230 @@
-use super::*; pub async fn handle(p: &Proxy, _r: &crate::config::Route, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> { p.passthrough(req, conn).await }
+//! The life of a request on an enforced route (SPEC §3), one line per stage:
+//! route → key → body → fingerprint → begin on the store → replay | wait | forward and record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::outcome::{Outcome, Report};
+use super::record::{self, Exchange};
+use super::{buffer, fingerprint, headers, key, replay, ConnInfo, Proxy};
+use crate::body::Body;
+use crate::config::{Concurrent, Config, KeySource, OnStoreError, Route};
+use crate::error::ProxyError;
+use crate::store::{Begin, Fingerprint, RecordId};
+
+/// What a client is told to wait before retrying a request that is still in flight.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+type Handled = (Response<Body>, Report);
+
+fn refuse(e: ProxyError, record: Option<RecordId>) -> Handled {
+    let report = Report {
+        outcome: Some(Outcome::of_error(&e)),
+        record,
+        upstream_latency: None,
+    };
+    (e.into_response(), report)
+}
+
+pub async fn handle(
+    proxy: &Proxy,
+    config: &Config,
+    route: &Route,
+    req: Request<Incoming>,
+    conn: ConnInfo,
+) -> Handled {
+    let policy = &route.policy;
+    let header_key = match &route.key {
+        KeySource::Header(name) => match key::from_header(req.headers(), name, policy) {
+            Ok(None) if !policy.required => return proxy.passthrough(req, conn).await,
+            Ok(None) => {
+                return refuse(
+                    ProxyError::KeyMissing {
+                        header: name.to_string(),
+                    },
+                    None,
+                )
+            }
+            Ok(found) => found,
+            Err(e) => return refuse(e, None),
+        },
+        KeySource::JsonPointer(_) => None,
+    };
+    let (mut parts, body) = req.into_parts();
+    let server = &config.server;
+    let body = match buffer::read(
+        body,
+        &parts.headers,
+        server.max_request_body,
+        server.body_read_timeout,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => return refuse(e, None),
+    };
+    let key = match (header_key, &route.key) {
+        (Some(k), _) => k,
+        (None, KeySource::JsonPointer(pointer)) => match key::from_json(&body, pointer, policy) {
+            Ok(Some(k)) => k,
+            Ok(None) if !policy.required => {
+                return proxy.forward_unrecorded(parts, body, conn).await
+            }
+            Ok(None) => {
+                return refuse(
+                    ProxyError::KeyMissing {
+                        header: format!("body member {pointer}"),
+                    },
+                    None,
+                )
+            }
+            Err(e) => return refuse(e, None),
+        },
+        (None, KeySource::Header(_)) => {
+            return refuse(
+                ProxyError::KeyMissing {
+                    header: "key".into(),
+                },
+                None,
+            )
+        }
+    };
+    let id = fingerprint::record_id(policy, &parts.headers, &key);
+    let fp = fingerprint::fingerprint(policy, &parts, &body);
+    headers::to_upstream(&mut parts, &conn, &proxy.inner.upstream.base);
+    decide(
+        proxy,
+        config,
+        route,
+        id,
+        fp,
+        Request::from_parts(parts, body),
+    )
+    .await
+}
+
+/// Step 5 onwards: one atomic step on the store, then replay, wait or run. A waiter
+/// that wakes goes round again, fingerprint check included.
+async fn decide(
+    proxy: &Proxy,
+    config: &Config,
+    route: &Route,
+    id: RecordId,
+    fp: Fingerprint,
+    request: Request<Bytes>,
+) -> Handled {
+    let policy = &route.policy;
+    let mismatch = ProxyError::Mismatch {
+        status: policy.mismatch_status,
+    };
+    let deadline = tokio::time::Instant::now() + policy.wait_timeout;
+    let mut waited = false;
+    loop {
+        let begin = match proxy.inner.store.clone().begin(id, fp).await {
+            Ok(b) => b,
+            Err(e) => return store_failed(proxy, config, e, request, id).await,
+        };
+        match begin {
+            Begin::Claimed(claim) => return run(proxy, route, fp, claim, request, waited).await,
+            Begin::Completed(rec) if rec.fingerprint != fp => return refuse(mismatch, Some(id)),
+            Begin::InFlight { fingerprint, .. } if fingerprint != fp => {
+                return refuse(mismatch, Some(id))
+            }
+            Begin::Completed(rec) => {
+                let response = match (&route.duplicate_response, &rec.body) {
+                    (Some(d), _) => replay::duplicate(d, policy),
+                    (None, _) => replay::replay(&rec, policy),
+                };
+                let outcome = if waited {
+                    Outcome::Coalesced
+                } else {
+                    Outcome::Replayed
+                };
+                return (
+                    response,
+                    Report {
+                        outcome: Some(outcome),
+                        record: Some(id),
+                        upstream_latency: None,
+                    },
+                );
+            }
+            Begin::InFlight { waiter, .. } => {
+                let busy = ProxyError::InProgress {
+                    retry_after: RETRY_AFTER,
+                };
+                if policy.concurrent == Concurrent::Reject {
+                    return refuse(busy, Some(id));
+                }
+                if tokio::time::timeout_at(deadline, waiter.wait())
+                    .await
+                    .is_err()
+                {
+                    return refuse(busy, Some(id));
+                }
+                waited = true;
+            }
+        }
+    }
+}
+
+async fn run(
+    proxy: &Proxy,
+    route: &Route,
+    fp: Fingerprint,
+    claim: crate::store::Claim,
+    request: Request<Bytes>,
+    waited: bool,
+) -> Handled {
+    let id = claim.id();
+    let exchange = Exchange {
+        upstream: proxy.inner.upstream.clone(),
+        request,
+        policy: Arc::clone(&route.policy),
+        fingerprint: fp,
+        claim,
+    };
+    match record::spawn(&proxy.inner.tasks, exchange).await {
+        Ok(done) => {
+            let outcome = if done.upstream_error {
+                Outcome::UpstreamError
+            } else {
+                Outcome::Forwarded
+            };
+            let _ = waited;
+            let report = Report {
+                outcome: Some(outcome),
+                record: Some(id),
+                upstream_latency: Some(done.elapsed),
+            };
+            (done.response, report)
+        }
+        Err(_) => refuse(
+            ProxyError::UpstreamUnavailable("the upstream exchange was aborted".into()),
+            Some(id),
+        ),
+    }
+}
+
+async fn store_failed(
+    proxy: &Proxy,
+    config: &Config,
+    e: crate::store::StoreError,
+    request: Request<Bytes>,
+    id: RecordId,
+) -> Handled {
+    tracing::error!(record = %id.short(), error = %e, "store unavailable");
+    match config.store.on_error {
+        OnStoreError::Reject => refuse(ProxyError::StoreUnavailable, Some(id)),
+        OnStoreError::Pass => {
+            let (parts, body) = request.into_parts();
+            proxy
+                .send_prepared(Request::from_parts(parts, crate::body::full(body)))
+                .await
+        }
+    }
+}

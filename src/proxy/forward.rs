@@ -37,7 +37,9 @@ impl UpstreamFailure {
 impl From<UpstreamFailure> for ProxyError {
     fn from(f: UpstreamFailure) -> Self {
         match f {
-            UpstreamFailure::Refused(why) | UpstreamFailure::Reset(why) => ProxyError::UpstreamUnavailable(why),
+            UpstreamFailure::Refused(why) | UpstreamFailure::Reset(why) => {
+                ProxyError::UpstreamUnavailable(why)
+            }
             UpstreamFailure::Timeout => ProxyError::UpstreamTimeout,
         }
     }

@@ -58,7 +58,9 @@ pub fn to_upstream(parts: &mut request::Parts, conn: &ConnInfo, upstream: &Uri) 
     }
     append_forwarded_for(&mut parts.headers, conn.peer);
     let proto = if conn.tls { "https" } else { "http" };
-    parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     parts.uri = upstream_uri(upstream, &parts.uri);
     parts.version = Version::HTTP_11;
 }
@@ -96,7 +98,10 @@ fn upstream_uri(upstream: &Uri, original: &Uri) -> Uri {
     if let Some(a) = upstream.authority() {
         builder = builder.authority(a.clone());
     }
-    builder.path_and_query(path_and_query).build().unwrap_or_else(|_| upstream.clone())
+    builder
+        .path_and_query(path_and_query)
+        .build()
+        .unwrap_or_else(|_| upstream.clone())
 }
 
 /// Cleans an upstream response head before it goes back to the client.
@@ -115,7 +120,10 @@ mod tests {
     #[test]
     fn connection_named_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-kept", HeaderValue::from_static("1"));

@@ -1,9 +1,15 @@
 //! The request pipeline. A request that matches no enforced route is streamed through
 //! untouched; one that does goes through the stages in [`enforce`], one file per stage.
 
+mod buffer;
 mod enforce;
+pub mod fingerprint;
 pub mod forward;
 pub mod headers;
+pub mod key;
+pub mod outcome;
+mod record;
+mod replay;
 
 use std::sync::Arc;
 
@@ -12,11 +18,15 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
+use bytes::Bytes;
+
 use crate::body::{self, Body};
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::store::Store;
 pub use forward::Upstream;
 pub use headers::ConnInfo;
+use outcome::{Outcome, Report};
 
 /// Everything a request needs; cheap to clone into every connection.
 #[derive(Clone)]
@@ -28,16 +38,23 @@ struct Inner {
     /// Swapped whole on reload, so a request sees one consistent config.
     config: ArcSwap<Config>,
     upstream: Upstream,
+    store: Arc<dyn Store>,
     /// Upstream exchanges detached from their client connection.
     tasks: TaskTracker,
 }
 
 impl Proxy {
-    pub fn new(config: Arc<Config>, upstream: Upstream, tasks: TaskTracker) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        upstream: Upstream,
+        store: Arc<dyn Store>,
+        tasks: TaskTracker,
+    ) -> Self {
         Proxy {
             inner: Arc::new(Inner {
                 config: ArcSwap::new(config),
                 upstream,
+                store,
                 tasks,
             }),
         }
@@ -51,20 +68,57 @@ impl Proxy {
         self.inner.config.store(config);
     }
 
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let config = self.inner.config.load_full();
-        match config.route(req.method(), req.uri().path()) {
-            Some(route) => enforce::handle(self, route, req, conn).await,
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let route = config.route(&method, &path);
+        let (response, report) = match route {
+            Some(route) => enforce::handle(self, &config, route, req, conn).await,
             None => self.passthrough(req, conn).await,
-        }
+        };
+        let route_name = route.map(|r| &*r.name).unwrap_or("");
+        log_request(&method, &path, route_name, &response, &report);
+        response
     }
 
     /// Streams the request to the upstream and the response back, buffering nothing.
-    async fn passthrough(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
+    async fn passthrough(
+        &self,
+        req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> (Response<Body>, Report) {
         let (mut parts, incoming) = req.into_parts();
         headers::to_upstream(&mut parts, &conn, &self.inner.upstream.base);
-        let upstream_req = Request::from_parts(parts, body::stream(incoming));
-        match self.inner.upstream.send(upstream_req).await {
+        self.send_prepared(Request::from_parts(parts, body::stream(incoming)))
+            .await
+    }
+
+    /// An enforced route's request that turned out to carry no key: forwarded as is.
+    async fn forward_unrecorded(
+        &self,
+        mut parts: http::request::Parts,
+        body: Bytes,
+        conn: ConnInfo,
+    ) -> (Response<Body>, Report) {
+        headers::to_upstream(&mut parts, &conn, &self.inner.upstream.base);
+        self.send_prepared(Request::from_parts(parts, body::full(body)))
+            .await
+    }
+
+    async fn send_prepared(&self, req: Request<Body>) -> (Response<Body>, Report) {
+        let started = tokio::time::Instant::now();
+        let result = self.inner.upstream.send(req).await;
+        let mut report = Report {
+            outcome: Some(Outcome::Passthrough),
+            record: None,
+            upstream_latency: Some(started.elapsed()),
+        };
+        let response = match result {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 headers::to_client(&mut parts);
@@ -72,8 +126,33 @@ impl Proxy {
             }
             Err(failure) => {
                 tracing::warn!(error = ?failure, "upstream exchange failed");
+                report.outcome = Some(Outcome::UpstreamError);
                 ProxyError::from(failure).into_response()
             }
-        }
+        };
+        (response, report)
     }
+}
+
+fn log_request(
+    method: &http::Method,
+    path: &str,
+    route: &str,
+    response: &Response<Body>,
+    report: &Report,
+) {
+    let outcome = report.outcome.map(Outcome::as_str).unwrap_or("");
+    let record = report.record.map(|r| r.short()).unwrap_or_default();
+    let latency_ms = report.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
+    tracing::info!(
+        target: "idemgate::request",
+        %method,
+        path,
+        route,
+        outcome,
+        status = response.status().as_u16(),
+        record = record.as_str(),
+        upstream_ms = latency_ms,
+        "request"
+    );
 }

@@ -54,7 +54,10 @@ pub async fn serve(
         let conn = Conn {
             builder: builder.clone(),
             proxy: proxy.clone(),
-            info: ConnInfo { peer, tls: tls.is_some() },
+            info: ConnInfo {
+                peer,
+                tls: tls.is_some(),
+            },
             watcher: graceful.watcher(),
         };
         let tls = tls.clone();
@@ -67,7 +70,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(config.shutdown_grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(config.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown grace passed with connections still open");
     }
 }
@@ -97,7 +103,9 @@ impl Conn {
     async fn serve_tls(self, acceptor: TlsAcceptor, stream: TcpStream, timeout: Duration) {
         match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => self.serve(tls).await,
-            Ok(Err(e)) => tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed"),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed")
+            }
             Err(_) => tracing::debug!(peer = %self.info.peer, "TLS handshake timed out"),
         }
     }
@@ -106,12 +114,19 @@ impl Conn {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Conn { builder, proxy, info, watcher } = self;
+        let Conn {
+            builder,
+            proxy,
+            info,
+            watcher,
+        } = self;
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
             async move { Ok::<_, Infallible>(proxy.handle(req, info).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(io), service).into_owned();
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
         if let Err(e) = watcher.watch(conn).await {
             tracing::debug!(peer = %info.peer, error = %e, "connection ended with an error");
         }

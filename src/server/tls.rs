@@ -30,7 +30,10 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         .collect();
     let certs = certs.map_err(|e| format!("server.tls.cert_file {}: {e}", path.display()))?;
     if certs.is_empty() {
-        return Err(format!("server.tls.cert_file {}: no certificate found", path.display()));
+        return Err(format!(
+            "server.tls.cert_file {}: no certificate found",
+            path.display()
+        ));
     }
     Ok(certs)
 }

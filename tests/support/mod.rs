@@ -73,7 +73,11 @@ impl FakeUpstream {
                 });
             }
         });
-        FakeUpstream { addr, calls, _stop: stop_tx }
+        FakeUpstream {
+            addr,
+            calls,
+            _stop: stop_tx,
+        }
     }
 
     /// `handler` gets each request with its body read in full.
@@ -87,8 +91,17 @@ impl FakeUpstream {
             let handler = handler.clone();
             async move {
                 let (parts, body) = req.into_parts();
-                let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let seen = Seen { method: parts.method, uri: parts.uri, headers: parts.headers, body };
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let seen = Seen {
+                    method: parts.method,
+                    uri: parts.uri,
+                    headers: parts.headers,
+                    body,
+                };
                 handler(seen, n).await
             }
         })
@@ -159,7 +172,12 @@ impl TestProxy {
         let task = tokio::spawn(idemgate::run(config, listeners, async move {
             let _ = stop_rx.await;
         }));
-        TestProxy { addr, admin, stop: Some(stop_tx), task: Some(task) }
+        TestProxy {
+            addr,
+            admin,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -202,7 +220,11 @@ impl Got {
     }
     /// The problem+json `code`, asserting the content type.
     pub fn code(&self) -> String {
-        assert_eq!(self.header("content-type"), Some("application/problem+json"), "{self:?}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
         self.json()["code"].as_str().unwrap().to_string()
     }
 }
@@ -215,14 +237,24 @@ pub struct Client {
 
 impl Client {
     pub fn new() -> Self {
-        Client { inner: HyperClient::builder(TokioExecutor::new()).build_http() }
+        Client {
+            inner: HyperClient::builder(TokioExecutor::new()).build_http(),
+        }
     }
 
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Got {
         let resp = self.inner.request(req).await.expect("request failed");
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.expect("response body failed").to_bytes();
-        Got { status: parts.status, headers: parts.headers, body }
+        let body = body
+            .collect()
+            .await
+            .expect("response body failed")
+            .to_bytes();
+        Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     }
 
     pub async fn post(&self, url: &str, headers: &[(&str, &str)], body: &str) -> Got {
@@ -234,12 +266,18 @@ impl Client {
     }
 }
 
-pub fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Request<Full<Bytes>> {
+pub fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
     let mut b = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    b.body(Full::new(Bytes::copy_from_slice(body.as_bytes()))).unwrap()
+    b.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+        .unwrap()
 }
 
 /// Polls `check` until it holds or `deadline` passes.
@@ -247,7 +285,10 @@ pub async fn eventually<F: FnMut() -> bool>(what: &str, deadline: Duration, mut 
     let end = tokio::time::Instant::now() + deadline;
     let mut poll = tokio::time::interval(Duration::from_millis(5));
     while !check() {
-        assert!(tokio::time::Instant::now() < end, "not true within {deadline:?}: {what}");
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not true within {deadline:?}: {what}"
+        );
         poll.tick().await;
     }
 }
@@ -355,7 +396,9 @@ impl ProxyProcess {
         let listening = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
                 let line = rx.recv().await.expect("idemgate exited before listening");
-                let Ok(doc) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let Ok(doc) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
                 if doc["message"] == "idemgate listening" {
                     return doc;
                 }
@@ -368,7 +411,13 @@ impl ProxyProcess {
             .as_str()
             .and_then(|s| s.strip_prefix("Some(").and_then(|s| s.strip_suffix(')')))
             .and_then(|s| s.parse().ok());
-        ProxyProcess { child, addr, admin, lines: rx, _dir: dir }
+        ProxyProcess {
+            child,
+            addr,
+            admin,
+            lines: rx,
+            _dir: dir,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -401,7 +450,10 @@ impl ProxyProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(tokio::time::Instant::now() < end, "idemgate did not exit within {deadline:?}");
+            assert!(
+                tokio::time::Instant::now() < end,
+                "idemgate did not exit within {deadline:?}"
+            );
             poll.tick().await;
         }
     }

@@ -1,0 +1,128 @@
+//! Stage 2: the idempotency key, from a header or from the JSON body, validated
+//! (SPEC §3 step 2). A Structured Field string (`"abc"`) is unquoted first.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
+
+use crate::config::Policy;
+use crate::error::ProxyError;
+
+/// The key from `name`, `Ok(None)` when absent.
+pub fn from_header(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    policy: &Policy,
+) -> Result<Option<String>, ProxyError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(ProxyError::KeyInvalid(format!(
+            "the {name} header was sent more than once"
+        )));
+    }
+    let raw = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| ProxyError::KeyInvalid(format!("the {name} header is not visible ASCII")))?;
+    let key = unquote(raw.trim()).ok_or_else(|| {
+        ProxyError::KeyInvalid(format!(
+            "the {name} header is a malformed structured-field string"
+        ))
+    })?;
+    validate(key, policy).map(Some)
+}
+
+/// The key at `pointer` in a JSON body; `Ok(None)` when the body is not JSON or has no
+/// such member. Strings are taken as they are, numbers by their JSON text.
+pub fn from_json(
+    body: &Bytes,
+    pointer: &str,
+    policy: &Policy,
+) -> Result<Option<String>, ProxyError> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Ok(None);
+    };
+    let key = match doc.pointer(pointer) {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(_) => {
+            return Err(ProxyError::KeyInvalid(format!(
+                "the body member at {pointer} must be a string or a number"
+            )))
+        }
+    };
+    validate(key, policy).map(Some)
+}
+
+/// RFC 8941 sf-string: `"` chars `"` with `\"` and `\\` escapes. Bare tokens pass as-is.
+fn unquote(raw: &str) -> Option<String> {
+    let Some(inner) = raw.strip_prefix('"') else {
+        return Some(raw.to_string());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('"' | '\\')) => out.push(e),
+                _ => return None,
+            },
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+fn validate(key: String, policy: &Policy) -> Result<String, ProxyError> {
+    if key.is_empty() {
+        return Err(ProxyError::KeyInvalid(
+            "the idempotency key is empty".into(),
+        ));
+    }
+    if let Some(bad) = key.chars().find(|c| !('\x21'..='\x7e').contains(c)) {
+        return Err(ProxyError::KeyInvalid(format!(
+            "the idempotency key may only hold visible ASCII (0x21-0x7E), found {bad:?}"
+        )));
+    }
+    let len = key.len();
+    if len < policy.min_key_length || len > policy.max_key_length {
+        return Err(ProxyError::KeyInvalid(format!(
+            "the idempotency key is {len} characters long; it must be {}..={}",
+            policy.min_key_length, policy.max_key_length
+        )));
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(value: &str) -> Result<Option<String>, ProxyError> {
+        let mut h = HeaderMap::new();
+        h.insert("idempotency-key", value.parse().unwrap());
+        from_header(
+            &h,
+            &HeaderName::from_static("idempotency-key"),
+            &Policy::default(),
+        )
+    }
+
+    #[test]
+    fn sf_string_and_token_are_one_key() {
+        assert_eq!(key("\"abc\"").unwrap(), Some("abc".into()));
+        assert_eq!(key("abc").unwrap(), Some("abc".into()));
+        assert_eq!(key("\"a\\\"b\"").unwrap(), Some("a\"b".into()));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        assert!(key("\"\"").is_err());
+        assert!(key("\"abc").is_err());
+        assert!(key("a b").is_err());
+        assert!(key(&"k".repeat(256)).is_err());
+    }
+}

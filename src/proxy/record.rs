@@ -1,0 +1,163 @@
+//! Stage 6-8: forward a claimed request and record its outcome. The exchange runs as a
+//! task of its own, so a client that disconnects does not cancel it: the work finishes,
+//! is recorded, and the client's retry replays it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, response, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::forward::{Upstream, UpstreamFailure};
+use super::headers;
+use super::replay;
+use crate::body::{self, full, Body, Prefixed};
+use crate::config::Policy;
+use crate::error::ProxyError;
+use crate::store::{Claim, Fingerprint, Record};
+
+/// What the detached exchange reports back to the handler.
+pub struct Outcome {
+    pub response: Response<Body>,
+    pub upstream_error: bool,
+    pub elapsed: Duration,
+}
+
+pub struct Exchange {
+    pub upstream: Upstream,
+    pub request: Request<Bytes>,
+    pub policy: Arc<Policy>,
+    pub fingerprint: Fingerprint,
+    pub claim: Claim,
+}
+
+/// Starts the exchange on `tasks` and returns where its answer will arrive.
+pub fn spawn(tasks: &tokio_util::task::TaskTracker, ex: Exchange) -> oneshot::Receiver<Outcome> {
+    let (tx, rx) = oneshot::channel();
+    tasks.spawn(async move {
+        let outcome = ex.run().await;
+        // The client may be gone; the record is what matters then.
+        let _ = tx.send(outcome);
+    });
+    rx
+}
+
+impl Exchange {
+    async fn run(self) -> Outcome {
+        let started = Instant::now();
+        let deadline = started + self.upstream.timeout;
+        let req = self.request.clone().map(full);
+        let (response, upstream_error) = match self.upstream.send(req).await {
+            Err(failure) => (self.failed(failure).await, true),
+            Ok(resp) => self.received(resp, deadline).await,
+        };
+        Outcome {
+            response,
+            upstream_error,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    async fn received(self, resp: Response<Incoming>, deadline: Instant) -> (Response<Body>, bool) {
+        let (mut parts, incoming) = resp.into_parts();
+        headers::to_client(&mut parts);
+        if !self.policy.store_statuses.contains(parts.status) {
+            // Not a status to keep: free the key now so a retry runs again.
+            self.claim.release();
+            return (Response::from_parts(parts, body::stream(incoming)), false);
+        }
+        let limit = self.policy.max_stored_response;
+        match read_up_to(incoming, limit, deadline).await {
+            Read::Whole(bytes) => {
+                let record = self.record(&parts, Some(bytes.clone()));
+                let response = replay::respond(&record, bytes);
+                self.complete(record).await;
+                (response, false)
+            }
+            Read::TooLarge(prefix, rest) => {
+                // The work ran; keep that fact (status and headers) and stream the body.
+                let record = self.record(&parts, None);
+                self.complete(record).await;
+                parts.headers.remove(header::CONTENT_LENGTH);
+                let body = body::stream(Prefixed::new(prefix, rest));
+                (Response::from_parts(parts, body), false)
+            }
+            Read::Failed(failure) => (self.failed(failure).await, true),
+        }
+    }
+
+    /// SPEC §3 step 8: a refused connection never ran upstream, so the key is freed; an
+    /// unknown outcome is recorded when its status is one to keep (at-most-once).
+    async fn failed(self, failure: UpstreamFailure) -> Response<Body> {
+        tracing::warn!(error = ?failure, record = %self.claim.id().short(), "upstream exchange failed");
+        let error = ProxyError::from(failure.clone());
+        if !(failure.outcome_unknown() && self.policy.store_statuses.contains(error.status())) {
+            self.claim.release();
+            return error.into_response();
+        }
+        let (parts, body) = error.into_response().into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let record = self.record(&parts, Some(bytes.clone()));
+        let response = replay::respond(&record, bytes);
+        self.complete(record).await;
+        response
+    }
+
+    fn record(&self, parts: &response::Parts, body: Option<Bytes>) -> Record {
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(n, _)| **n != header::CONTENT_LENGTH && **n != header::DATE)
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        Record {
+            fingerprint: self.fingerprint,
+            status: parts.status,
+            headers,
+            body,
+            expires_at: Instant::now() + self.policy.ttl,
+        }
+    }
+
+    async fn complete(self, record: Record) {
+        let id = self.claim.id().short();
+        if let Err(e) = self.claim.complete(record).await {
+            tracing::error!(record = %id, error = %e, "could not record the response");
+        }
+    }
+}
+
+enum Read {
+    Whole(Bytes),
+    TooLarge(Bytes, Incoming),
+    Failed(UpstreamFailure),
+}
+
+/// Reads the response body until it ends, passes `limit`, or the exchange deadline.
+async fn read_up_to(mut body: Incoming, limit: u64, deadline: Instant) -> Read {
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Read::Failed(UpstreamFailure::Timeout),
+            Ok(None) => return Read::Whole(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                return Read::Failed(UpstreamFailure::Reset(format!("response body: {e}")))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() as u64 > limit {
+                return Read::TooLarge(buf.freeze(), body);
+            }
+        }
+    }
+}
