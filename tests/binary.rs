@@ -1,6 +1,8 @@
 //! The real binary as a user runs it: large bodies stream through without the proxy's
 //! memory growing by their size, and SIGTERM drains in-flight exchanges.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -5,6 +5,8 @@
 //!   contain each `# expect: <substring>` given in the file's leading comment block
 //!   (at least one per file).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

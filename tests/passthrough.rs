@@ -1,5 +1,7 @@
 //! Routes that are not enforced: the proxy is a faithful, streaming reverse proxy.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! HTTP/2 by prior knowledge (h2c) on plain TCP, and TLS termination with ALPN offering
 //! h2 and http/1.1, with a certificate generated here.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::sync::Arc;

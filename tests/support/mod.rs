@@ -1,5 +1,5 @@
 //! Test harness: a real counting upstream, the proxy on real sockets, real hyper clients.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -464,4 +464,45 @@ impl Drop for ProxyProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Holds upstream requests until opened, and says when each one arrived.
+pub struct Gate {
+    entered: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<usize>>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl Gate {
+    /// Waits until the next request has reached the upstream; returns its call number.
+    pub async fn entered(&self) -> usize {
+        tokio::time::timeout(Duration::from_secs(10), self.entered.lock().await.recv())
+            .await
+            .expect("no request reached the upstream within 10s")
+            .unwrap()
+    }
+
+    pub fn open(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+/// An echo upstream whose requests wait at a [`Gate`].
+pub async fn gated_echo() -> (FakeUpstream, Arc<Gate>) {
+    let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (release, release_rx) = tokio::sync::watch::channel(false);
+    let upstream = FakeUpstream::buffered(move |seen, n| {
+        let entered = entered_tx.clone();
+        let mut release = release_rx.clone();
+        async move {
+            let _ = entered.send(n);
+            let _ = release.wait_for(|open| *open).await;
+            echo_response(&seen, n)
+        }
+    })
+    .await;
+    let gate = Gate {
+        entered: tokio::sync::Mutex::new(entered_rx),
+        release,
+    };
+    (upstream, Arc::new(gate))
 }
