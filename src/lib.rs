@@ -9,6 +9,8 @@
 //!   route → key → body → fingerprint → store → replay | wait | forward and record.
 //! - [`error`]: the one mapping from failures to problem+json responses.
 //! - [`body`]: the body type shared by every stage.
+//! - [`store`]: records, claims, and the memory store.
+//! - [`demo`]: the built-in orders API behind `idemgate demo`.
 //! - [`telemetry`]: logging set-up.
 //!
 //! [`run`] wires them together; the shutdown signal is passed in as a future so tests
@@ -16,6 +18,7 @@
 
 pub mod body;
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod proxy;
 pub mod server;
@@ -129,7 +132,7 @@ pub async fn serve_until_signalled(
     let proxy_addr = listeners.proxy_addr().map_err(|e| e.to_string())?;
     tracing::info!(
         listen = %proxy_addr,
-        admin = ?listeners.admin_addr(),
+        admin = listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url,
         config = ?config_path,
         "idemgate listening"

@@ -32,12 +32,28 @@ struct Cli {
 enum Command {
     /// Validate the config, print the resolved routes; exit 0 if valid, 2 if not.
     Check,
+    /// Run a built-in orders API with the proxy in front of it (proxy.toml.example's routes).
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Where the admin listener listens.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check) => check(&cli.config),
+        Some(Command::Demo {
+            listen,
+            admin_listen,
+        }) => {
+            telemetry::init(cli.log_format.unwrap_or_else(LogFormat::detect));
+            block_on(demo(listen, admin_listen))
+        }
         None => {
             telemetry::init(cli.log_format.unwrap_or_else(LogFormat::detect));
             serve(&cli.config)
@@ -67,6 +83,24 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    block_on(idemgate::serve_until_signalled(
+        config,
+        Some(path.to_path_buf()),
+    ))
+}
+
+async fn demo(listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> Result<(), String> {
+    let api = idemgate::demo::start_api()
+        .await
+        .map_err(|e| format!("demo API: {e}"))?;
+    let mut config = idemgate::demo::config(&api)?;
+    config.server.listen = listen;
+    config.server.admin_listen = Some(admin);
+    eprintln!("{}", idemgate::demo::instructions(&listen.to_string()));
+    idemgate::serve_until_signalled(config, None).await
+}
+
+fn block_on(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -74,10 +108,7 @@ fn serve(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(idemgate::serve_until_signalled(
-        config,
-        Some(path.to_path_buf()),
-    )) {
+    match runtime.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -134,3 +134,36 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     let status = proxy.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn demo_replays_a_retried_order_and_refuses_a_reused_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = ProxyProcess::spawn_args(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
+        dir,
+    )
+    .await;
+    let c = Client::new();
+    let url = proxy.url("/v1/orders");
+    let key = [("idempotency-key", "order-123")];
+    let first = c.post(&url, &key, r#"{"sku":"tea","qty":1}"#).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(first.json()["id"], "ord_1");
+    let retry = c.post(&url, &key, r#"{"sku":"tea","qty":1}"#).await;
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    let other = c.post(&url, &key, r#"{"sku":"coffee"}"#).await;
+    assert_eq!(other.code(), "idempotency_key_mismatch");
+    assert_eq!(c.get(&url).await.json()["orders_created"], 1);
+    let admin = proxy.admin.unwrap();
+    assert_eq!(
+        c.get(&format!("http://{admin}/healthz")).await.status,
+        StatusCode::OK
+    );
+}

@@ -370,13 +370,18 @@ impl ProxyProcess {
     /// Writes `toml` (with `{upstream}` replaced) to a temp file and starts the binary;
     /// returns once its "idemgate listening" log line names the bound address.
     pub async fn spawn(toml: &str, upstream: &str) -> Self {
-        use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy.toml");
         std::fs::write(&path, toml.replace("{upstream}", upstream)).unwrap();
+        let path = path.to_str().unwrap().to_string();
+        Self::spawn_args(&["--config", &path], dir).await
+    }
+
+    /// Starts the binary with `args` (plus JSON logs) and waits until it listens.
+    pub async fn spawn_args(args: &[&str], dir: tempfile::TempDir) -> Self {
+        use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"))
-            .arg("--config")
-            .arg(&path)
+            .args(args)
             .args(["--log-format", "json"])
             .env("RUST_LOG", "info")
             .stdout(std::process::Stdio::piped())
@@ -407,10 +412,7 @@ impl ProxyProcess {
         .await
         .expect("no 'idemgate listening' line within 20s");
         let addr = listening["listen"].as_str().unwrap().parse().unwrap();
-        let admin = listening["admin"]
-            .as_str()
-            .and_then(|s| s.strip_prefix("Some(").and_then(|s| s.strip_suffix(')')))
-            .and_then(|s| s.parse().ok());
+        let admin = listening["admin"].as_str().and_then(|s| s.parse().ok());
         ProxyProcess {
             child,
             addr,
