@@ -7,7 +7,9 @@
 //! - [`server`]: accept loop (TLS, HTTP/1.1 + HTTP/2, limits, drain) and the admin listener.
 //! - [`proxy`]: the request pipeline: pass-through streaming, and on enforced routes
 //!   route → key → body → fingerprint → store → replay | wait | forward and record.
+//! - [`reload`]: SIGHUP swaps routes and idempotency settings atomically.
 //! - [`error`]: the one mapping from failures to problem+json responses.
+//! - [`metrics`]: Prometheus series for the admin listener.
 //! - [`body`]: the body type shared by every stage.
 //! - [`store`]: records, claims, and the memory store.
 //! - [`demo`]: the built-in orders API behind `idemgate demo`.
@@ -20,7 +22,9 @@ pub mod body;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;
@@ -70,6 +74,16 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    run_with_reloads(config, listeners, shutdown, None).await
+}
+
+/// [`run`], also applying every config that arrives on `reloads` ([`reload::apply`]).
+pub async fn run_with_reloads(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<Config>>,
+) -> Result<(), String> {
     let config = Arc::new(config);
     let upstream = Upstream::new(&config.upstream)?;
     let tls = match &config.server.tls {
@@ -78,10 +92,23 @@ pub async fn run(
     };
     let tasks = TaskTracker::new();
     let store = build_store(&config)?;
-    let proxy = Proxy::new(config.clone(), upstream, store, tasks.clone());
+    let metrics = metrics::Metrics::new(store.clone());
+    let proxy = Proxy::new(
+        config.clone(),
+        upstream,
+        store,
+        metrics.clone(),
+        tasks.clone(),
+    );
+    if let Some(rx) = reloads {
+        tokio::spawn(reload::apply_all(proxy.clone(), rx));
+    }
     let stop = CancellationToken::new();
     let admin_stop = CancellationToken::new();
-    let admin_state = AdminState::default();
+    let admin_state = AdminState {
+        draining: Default::default(),
+        metrics: Some(metrics),
+    };
     if let Some(admin) = listeners.admin {
         tokio::spawn(server::admin::serve(
             admin,
@@ -130,6 +157,7 @@ pub async fn serve_until_signalled(
         .await
         .map_err(|e| format!("cannot bind {}: {e}", config.server.listen))?;
     let proxy_addr = listeners.proxy_addr().map_err(|e| e.to_string())?;
+    let reloads = config_path.clone().and_then(reload::watch_sighup);
     tracing::info!(
         listen = %proxy_addr,
         admin = listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -137,7 +165,7 @@ pub async fn serve_until_signalled(
         config = ?config_path,
         "idemgate listening"
     );
-    run(config, listeners, signals::terminate()).await
+    run_with_reloads(config, listeners, signals::terminate(), reloads).await
 }
 
 mod signals {

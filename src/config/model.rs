@@ -22,7 +22,7 @@ pub struct Config {
     pub record_api: Option<RecordApiConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
@@ -40,7 +40,7 @@ pub struct TlsFiles {
     pub key_file: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
     /// Scheme and authority only (a base path is refused at load).
     pub url: Uri,
@@ -61,7 +61,7 @@ pub enum OnStoreError {
     Pass,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub backend: Backend,
     pub max_bytes: u64,
@@ -221,13 +221,13 @@ impl Route {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RateLimit {
     pub count: u32,
     pub per: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RecordApiConfig {
     pub listen: SocketAddr,
     /// Resolved bearer tokens (never printed).

@@ -160,6 +160,7 @@ async fn decide(
                 if policy.concurrent == Concurrent::Reject {
                     return refuse(busy, Some(id));
                 }
+                let _waiting = proxy.inner.metrics.waiting(&route.name);
                 if tokio::time::timeout_at(deadline, waiter.wait())
                     .await
                     .is_err()
@@ -182,6 +183,7 @@ async fn run(
 ) -> Handled {
     let id = claim.id();
     let exchange = Exchange {
+        _inflight: proxy.inner.metrics.inflight(&route.name),
         upstream: proxy.inner.upstream.clone(),
         request,
         policy: Arc::clone(&route.policy),

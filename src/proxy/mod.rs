@@ -39,6 +39,7 @@ struct Inner {
     config: ArcSwap<Config>,
     upstream: Upstream,
     store: Arc<dyn Store>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Upstream exchanges detached from their client connection.
     tasks: TaskTracker,
 }
@@ -48,6 +49,7 @@ impl Proxy {
         config: Arc<Config>,
         upstream: Upstream,
         store: Arc<dyn Store>,
+        metrics: Arc<crate::metrics::Metrics>,
         tasks: TaskTracker,
     ) -> Self {
         Proxy {
@@ -55,6 +57,7 @@ impl Proxy {
                 config: ArcSwap::new(config),
                 upstream,
                 store,
+                metrics,
                 tasks,
             }),
         }
@@ -83,6 +86,7 @@ impl Proxy {
         };
         let route_name = route.map(|r| &*r.name).unwrap_or("");
         log_request(&method, &path, route_name, &response, &report);
+        self.inner.metrics.observe(route_name, &report);
         response
     }
 

@@ -28,6 +28,8 @@ pub struct Outcome {
 }
 
 pub struct Exchange {
+    /// Held for as long as the exchange runs, client or no client.
+    pub _inflight: crate::metrics::GaugeGuard,
     pub upstream: Upstream,
     pub request: Request<Bytes>,
     pub policy: Arc<Policy>,

@@ -18,6 +18,7 @@ use crate::body::{full, Body};
 #[derive(Clone, Default)]
 pub struct AdminState {
     pub draining: Arc<AtomicBool>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl AdminState {
@@ -59,6 +60,16 @@ fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if state.ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/metrics" => match &state.metrics {
+            Some(m) => {
+                let mut resp = Response::new(full(m.render()));
+                let ct = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                resp
+            }
+            None => text(StatusCode::NOT_FOUND, "metrics disabled\n"),
+        },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

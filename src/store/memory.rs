@@ -165,6 +165,7 @@ impl Store for MemoryStore {
             bytes: self.bytes.load(Ordering::Acquire),
             inflight: inflight.len() as u64,
             evicted_before_ttl: self.evicted_early.load(Ordering::Relaxed),
+            lease_lost: 0,
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct StoreStats {
     pub bytes: u64,
     pub inflight: u64,
     pub evicted_before_ttl: u64,
+    /// Leases lost while still held; always 0 on the memory store (claims cannot expire).
+    pub lease_lost: u64,
 }
 
 /// A store backend. Claims hold an `Arc` of it so their drop can release.

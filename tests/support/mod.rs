@@ -363,7 +363,7 @@ pub struct ProxyProcess {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 impl ProxyProcess {
@@ -418,12 +418,36 @@ impl ProxyProcess {
             addr,
             admin,
             lines: rx,
-            _dir: dir,
+            dir,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// The config file written by [`ProxyProcess::spawn`].
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("proxy.toml")
+    }
+
+    /// Reads log lines until one contains `needle`; returns it (and every line read).
+    pub async fn wait_for_line(&mut self, needle: &str) -> (String, Vec<String>) {
+        let mut seen = Vec::new();
+        let found = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = self.lines.recv().await {
+                seen.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => (line, seen),
+            _ => panic!("no log line containing {needle:?} within 10s; saw {seen:#?}"),
+        }
     }
 
     pub fn signal(&self, name: &str) {
@@ -485,6 +509,11 @@ impl Gate {
 
     pub fn open(&self) {
         self.release.send_replace(true);
+    }
+
+    /// Closes the gate again: requests from now on wait for the next [`Gate::open`].
+    pub fn release_closed(&self) {
+        self.release.send_replace(false);
     }
 }
 

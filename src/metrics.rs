@@ -1,0 +1,185 @@
+//! Prometheus metrics (SPEC §7), rendered by the admin listener. Request outcomes are
+//! counted once per request, from the same report the log line is made of.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::proxy::outcome::Report;
+use crate::store::Store;
+
+/// The `route` label of requests that matched no route.
+pub const UNROUTED: &str = "unrouted";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    upstream: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    inflight: Family<RouteLabel, Gauge>,
+    waiting: Family<RouteLabel, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("idemgate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let upstream = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let inflight = Family::<RouteLabel, Gauge>::default();
+        let waiting = Family::<RouteLabel, Gauge>::default();
+        registry.register(
+            "requests",
+            "Requests by route and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "upstream_duration_seconds",
+            "Upstream exchange duration (to the response head on pass-through routes)",
+            upstream.clone(),
+        );
+        registry.register(
+            "inflight",
+            "Upstream exchanges holding a claim, by route",
+            inflight.clone(),
+        );
+        registry.register(
+            "waiting",
+            "Duplicates waiting for an in-flight request, by route",
+            waiting.clone(),
+        );
+        registry.register_collector(Box::new(StoreCollector(store)));
+        Arc::new(Metrics {
+            registry,
+            requests,
+            upstream,
+            inflight,
+            waiting,
+        })
+    }
+
+    pub fn observe(&self, route: &str, report: &Report) {
+        let route = if route.is_empty() { UNROUTED } else { route };
+        if let Some(outcome) = report.outcome {
+            let labels = RequestLabels {
+                route: route.to_string(),
+                outcome: outcome.as_str(),
+            };
+            self.requests.get_or_create(&labels).inc();
+        }
+        if let Some(latency) = report.upstream_latency {
+            let labels = RouteLabel {
+                route: route.to_string(),
+            };
+            self.upstream
+                .get_or_create(&labels)
+                .observe(latency.as_secs_f64());
+        }
+    }
+
+    /// Counts one exchange in flight on `route` until the guard drops.
+    pub fn inflight(&self, route: &str) -> GaugeGuard {
+        GaugeGuard::new(&self.inflight, route)
+    }
+
+    /// Counts one duplicate waiting on `route` until the guard drops.
+    pub fn waiting(&self, route: &str) -> GaugeGuard {
+        GaugeGuard::new(&self.waiting, route)
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "could not encode metrics");
+        }
+        out
+    }
+}
+
+/// Holds a gauge one higher for as long as it lives.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(family: &Family<RouteLabel, Gauge>, route: &str) -> Self {
+        let gauge = family
+            .get_or_create(&RouteLabel {
+                route: route.to_string(),
+            })
+            .clone();
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Reads the store's own counters at scrape time.
+struct StoreCollector(Arc<dyn Store>);
+
+impl std::fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreCollector")
+    }
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.stats();
+        let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+        let records = gauge(s.records);
+        records.encode(encoder.encode_descriptor(
+            "store_records",
+            "Completed records held",
+            None,
+            records.metric_type(),
+        )?)?;
+        let bytes = gauge(s.bytes);
+        bytes.encode(encoder.encode_descriptor(
+            "store_bytes",
+            "Bytes of completed records held",
+            None,
+            bytes.metric_type(),
+        )?)?;
+        let evicted = ConstCounter::new(s.evicted_before_ttl);
+        evicted.encode(encoder.encode_descriptor(
+            "evicted_before_ttl",
+            "Completed records evicted for space before their ttl (a retry of one runs again)",
+            None,
+            evicted.metric_type(),
+        )?)?;
+        let lost = ConstCounter::new(s.lease_lost);
+        lost.encode(encoder.encode_descriptor(
+            "lease_lost",
+            "In-flight leases lost while their holder was still working (shared stores only)",
+            None,
+            lost.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
