@@ -220,3 +220,72 @@ async fn admin_health_endpoints() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_by_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = FakeUpstream::echo().await;
+    let toml = format!("[server]\nheader_read_timeout = \"200ms\"\n{BASE}");
+    let proxy = TestProxy::start(&toml, &upstream.url()).await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /slow-headers HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    // The proxy closes the connection; without the timer this read would hang.
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf))
+        .await
+        .expect("connection with slow headers was never closed")
+        .ok();
+    assert_eq!(upstream.calls(), 0);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn max_connections_holds_further_connections_until_one_closes() {
+    use http_body_util::{BodyExt, Full};
+    let upstream = FakeUpstream::echo().await;
+    let toml = format!("[server]\nmax_connections = 1\n{BASE}");
+    let proxy = TestProxy::start(&toml, &upstream.url()).await;
+    let connect = |addr| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        (sender, conn)
+    };
+    let get = |path: &'static str| {
+        http::Request::get(path)
+            .header("host", "x")
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let (mut first, first_conn) = connect(proxy.addr).await;
+    assert_eq!(
+        first.send_request(get("/one")).await.unwrap().status(),
+        StatusCode::CREATED
+    );
+    let (mut second, _second_conn) = connect(proxy.addr).await;
+    let mut waiting = tokio::spawn(async move {
+        let resp = second.send_request(get("/two")).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    });
+    // While the first connection is open the second is not served (a bounded check).
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+    assert!(
+        early.is_err(),
+        "second connection served beyond max_connections"
+    );
+    assert_eq!(upstream.calls(), 1);
+    drop(first);
+    first_conn.await.unwrap().unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&body).contains("/two"));
+    assert_eq!(upstream.calls(), 2);
+    proxy.shutdown().await;
+}
