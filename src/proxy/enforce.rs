@@ -129,15 +129,15 @@ async fn decide(
             Err(e) => return store_failed(proxy, config, e, request, id).await,
         };
         match begin {
-            Begin::Claimed(claim) => return run(proxy, route, fp, claim, request, waited).await,
+            Begin::Claimed(claim) => return run(proxy, route, fp, claim, request).await,
             Begin::Completed(rec) if rec.fingerprint != fp => return refuse(mismatch, Some(id)),
             Begin::InFlight { fingerprint, .. } if fingerprint != fp => {
                 return refuse(mismatch, Some(id))
             }
             Begin::Completed(rec) => {
-                let response = match (&route.duplicate_response, &rec.body) {
-                    (Some(d), _) => replay::duplicate(d, policy),
-                    (None, _) => replay::replay(&rec, policy),
+                let response = match &route.duplicate_response {
+                    Some(d) => replay::duplicate(d, policy),
+                    None => replay::replay(&rec, policy),
                 };
                 let outcome = if waited {
                     Outcome::Coalesced
@@ -179,7 +179,6 @@ async fn run(
     fp: Fingerprint,
     claim: crate::store::Claim,
     request: Request<Bytes>,
-    waited: bool,
 ) -> Handled {
     let id = claim.id();
     let exchange = Exchange {
@@ -197,7 +196,6 @@ async fn run(
             } else {
                 Outcome::Forwarded
             };
-            let _ = waited;
             let report = Report {
                 outcome: Some(outcome),
                 record: Some(id),
