@@ -97,23 +97,12 @@ async fn twenty_mib_up_and_down_stream_byte_exact_without_buffering() {
 
 #[tokio::test]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
-    let (entered_tx, mut entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let upstream = FakeUpstream::buffered(move |_, _| {
-        let mut release = release_rx.clone();
-        let entered = entered_tx.clone();
-        async move {
-            entered.send(()).unwrap();
-            let _ = release.wait_for(|r| *r).await;
-            Response::new(full("finished after SIGTERM"))
-        }
-    })
-    .await;
+    let (upstream, gate) = gated_echo().await;
     let mut proxy = ProxyProcess::spawn(CONFIG, &upstream.url()).await;
     let url = proxy.url("/slow");
     let client = Client::new();
     let in_flight = tokio::spawn(async move { client.get(&url).await });
-    entered_rx.recv().await.unwrap();
+    gate.entered().await;
 
     proxy.signal("TERM");
     // The drain has begun once the process logs it; only then let the upstream answer.
@@ -126,11 +115,11 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     })
     .await
     .expect("no drain log line after SIGTERM");
-    release_tx.send(true).unwrap();
+    gate.open();
 
     let got = in_flight.await.unwrap();
-    assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(got.body, Bytes::from("finished after SIGTERM"));
+    assert_eq!(got.status, StatusCode::CREATED);
+    assert_eq!(got.json()["uri"], "/slow");
     let status = proxy.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status:?}");
 }

@@ -188,10 +188,7 @@ async fn storm_of_50_identical_requests_runs_the_upstream_once() {
     let c = Client::new();
     let mut tasks = Vec::new();
     for _ in 0..50 {
-        let (c, url) = (c.clone(), url.clone());
-        tasks.push(tokio::spawn(async move {
-            c.post(&url, &[(KEY, "storm")], "same body").await
-        }));
+        tasks.push(spawn_post(&c, &url, &[(KEY, "storm")], "same body"));
     }
     assert_eq!(gate.entered().await, 1);
     gate.open();
@@ -217,17 +214,14 @@ async fn storm_with_two_bodies_runs_once_and_the_other_body_only_gets_mismatch()
     let c = Client::new();
     let mut tasks = Vec::new();
     for i in 0..50 {
-        let (c, url) = (c.clone(), url.clone());
         let body = if i % 2 == 0 { "body-A" } else { "body-B" };
-        tasks.push(tokio::spawn(async move {
-            (body, c.post(&url, &[(KEY, "split")], body).await)
-        }));
+        tasks.push((body, spawn_post(&c, &url, &[(KEY, "split")], body)));
     }
     gate.entered().await;
     gate.open();
     let mut results = Vec::new();
-    for t in tasks {
-        results.push(t.await.unwrap());
+    for (body, t) in tasks {
+        results.push((body, t.await.unwrap()));
     }
     let winner = results
         .iter()
@@ -258,10 +252,7 @@ async fn reject_mode_answers_409_with_retry_after_while_in_flight() {
     let proxy = TestProxy::start(&with("concurrent = \"reject\""), &upstream.url()).await;
     let url = proxy.url("/v1/orders");
     let c = Client::new();
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post(&url, &[(KEY, "r")], "x").await }
-    });
+    let first = spawn_post(&c, &url, &[(KEY, "r")], "x");
     gate.entered().await;
     let dup = c.post(&url, &[(KEY, "r")], "x").await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
@@ -282,10 +273,7 @@ async fn a_waiter_gets_409_when_wait_timeout_passes() {
     let proxy = TestProxy::start(&toml, &upstream.url()).await;
     let url = proxy.url("/v1/orders");
     let c = Client::new();
-    let first = tokio::spawn({
-        let (c, url) = (c.clone(), url.clone());
-        async move { c.post(&url, &[(KEY, "w")], "x").await }
-    });
+    let first = spawn_post(&c, &url, &[(KEY, "w")], "x");
     gate.entered().await;
     let dup = c.post(&url, &[(KEY, "w")], "x").await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
@@ -326,30 +314,19 @@ async fn tenants_with_the_same_key_never_share_a_record() {
     let c = Client::new();
     let mut tasks = Vec::new();
     for i in 0..20 {
-        let (c, url) = (c.clone(), url.clone());
-        let tenant = if i % 2 == 0 {
-            "Bearer alice"
+        let (tenant, body) = if i % 2 == 0 {
+            ("Bearer alice", "alice-order")
         } else {
-            "Bearer bob"
+            ("Bearer bob", "bob-order")
         };
-        let body = if i % 2 == 0 {
-            "alice-order"
-        } else {
-            "bob-order"
-        };
-        tasks.push(tokio::spawn(async move {
-            (
-                body,
-                c.post(&url, &[(KEY, "shared"), ("authorization", tenant)], body)
-                    .await,
-            )
-        }));
+        let headers = [(KEY, "shared"), ("authorization", tenant)];
+        tasks.push((body, spawn_post(&c, &url, &headers, body)));
     }
     gate.entered().await;
     gate.entered().await;
     gate.open();
-    for t in tasks {
-        let (body, got) = t.await.unwrap();
+    for (body, t) in tasks {
+        let got = t.await.unwrap();
         assert_eq!(got.status, StatusCode::CREATED);
         assert_eq!(
             got.json()["body"],
@@ -555,15 +532,7 @@ async fn upstream_refused_answers_502_and_leaves_the_key_free() {
 
 #[tokio::test]
 async fn upstream_timeout_is_recorded_only_when_5xx_is_kept() {
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let upstream = FakeUpstream::buffered(move |_, _| {
-        let mut release = release_rx.clone();
-        async move {
-            let _ = release.wait_for(|r| *r).await;
-            Response::new(full("late"))
-        }
-    })
-    .await;
+    let (upstream, gate) = gated_echo().await;
     let default = ORDERS.replace("timeout = \"2s\"", "timeout = \"100ms\"");
     let keep = default.replace(
         "wait_timeout = \"10s\"",
@@ -594,7 +563,7 @@ async fn upstream_timeout_is_recorded_only_when_5xx_is_kept() {
     assert_eq!(replay.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
     assert_eq!(upstream.calls(), 3, "kept: at most once");
-    release_tx.send(true).unwrap();
+    gate.open();
     proxy.shutdown().await;
 }
 

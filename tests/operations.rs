@@ -77,11 +77,10 @@ async fn every_outcome_is_counted_once() {
 
     // conflict on the strict route (reject), coalesced on orders (wait)
     gate.release_closed();
-    let first = tokio::spawn({
-        let (c, strict) = (c.clone(), strict.clone());
-        async move { c.post(&strict, &[("idempotency-key", "busy")], "x").await }
-    });
-    gate.entered().await; // call 1 was the forwarded one above; this is the held one
+    let first = spawn_post(&c, &strict, &[("idempotency-key", "busy")], "x");
+    // Calls 1 (pass-through) and 2 (forwarded) went through the open gate.
+    assert_eq!((gate.entered().await, gate.entered().await), (1, 2));
+    assert_eq!(gate.entered().await, 3, "the held request");
     let inflight = scrape(admin).await;
     assert_eq!(
         sample(&inflight, "idemgate_inflight{route=\"strict\"}"),
@@ -93,15 +92,9 @@ async fn every_outcome_is_counted_once() {
             .code(),
         "idempotency_request_in_progress"
     );
-    let held = tokio::spawn({
-        let (c, orders) = (c.clone(), orders.clone());
-        async move { c.post(&orders, &[("idempotency-key", "co")], "x").await }
-    });
-    gate.entered().await;
-    let waiter = tokio::spawn({
-        let (c, orders) = (c.clone(), orders.clone());
-        async move { c.post(&orders, &[("idempotency-key", "co")], "x").await }
-    });
+    let held = spawn_post(&c, &orders, &[("idempotency-key", "co")], "x");
+    assert_eq!(gate.entered().await, 4);
+    let waiter = spawn_post(&c, &orders, &[("idempotency-key", "co")], "x");
     // Open the gate only once the duplicate is parked behind the first.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while sample(&scrape(admin).await, "idemgate_waiting{route=\"orders\"}") != Some(1.0) {

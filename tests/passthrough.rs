@@ -144,46 +144,26 @@ async fn upstream_down_gives_502_problem() {
 
 #[tokio::test]
 async fn slow_upstream_gives_504_problem() {
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let upstream = FakeUpstream::buffered(move |_, _| {
-        let mut release = release_rx.clone();
-        async move {
-            let _ = release.wait_for(|r| *r).await;
-            Response::new(full("late"))
-        }
-    })
-    .await;
+    let (upstream, gate) = gated_echo().await;
     let toml = BASE.replace("timeout = \"2s\"", "timeout = \"200ms\"");
     let proxy = TestProxy::start(&toml, &upstream.url()).await;
     let got = Client::new().get(&proxy.url("/slow")).await;
     assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(got.code(), "upstream_timeout");
     assert_eq!(upstream.calls(), 1);
-    release_tx.send(true).unwrap();
+    gate.open();
     proxy.shutdown().await;
 }
 
 #[tokio::test]
 async fn request_in_flight_at_shutdown_gets_its_full_response() {
-    let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
-    let entered_rx = std::sync::Arc::new(tokio::sync::Mutex::new(entered_rx));
-    let upstream = FakeUpstream::buffered(move |_, _| {
-        let mut release = release_rx.clone();
-        let entered = entered_tx.clone();
-        async move {
-            entered.send(()).unwrap();
-            let _ = release.wait_for(|r| *r).await;
-            Response::new(full(vec![b'z'; 100_000]))
-        }
-    })
-    .await;
+    let (upstream, gate) = gated_echo().await;
     let mut proxy = TestProxy::start(BASE, &upstream.url()).await;
     let url = proxy.url("/in-flight");
     let admin = proxy.admin.unwrap();
     let client = Client::new();
     let in_flight = tokio::spawn(async move { client.get(&url).await });
-    entered_rx.lock().await.recv().await.unwrap();
+    gate.entered().await;
     let stopped = proxy.trigger_shutdown();
     // While draining, readiness reports 503 and new connections are refused.
     let admin_client = Client::new();
@@ -197,10 +177,10 @@ async fn request_in_flight_at_shutdown_gets_its_full_response() {
         );
         poll.tick().await;
     }
-    release_tx.send(true).unwrap();
+    gate.open();
     let got = in_flight.await.unwrap();
-    assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(got.body.len(), 100_000);
+    assert_eq!(got.status, StatusCode::CREATED);
+    assert_eq!(got.json()["uri"], "/in-flight");
     stopped.await.unwrap().unwrap();
 }
 

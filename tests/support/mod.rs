@@ -266,6 +266,17 @@ impl Client {
     }
 }
 
+/// Sends a POST from a task of its own (for requests that must be in flight together).
+pub fn spawn_post(
+    c: &Client,
+    url: &str,
+    headers: &[(&'static str, &'static str)],
+    body: &'static str,
+) -> tokio::task::JoinHandle<Got> {
+    let (c, url, headers) = (c.clone(), url.to_string(), headers.to_vec());
+    tokio::spawn(async move { c.post(&url, &headers, body).await })
+}
+
 pub fn request(
     method: &str,
     url: &str,
