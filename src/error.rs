@@ -21,6 +21,9 @@ pub enum ProxyError {
     UpstreamUnavailable(String),
     UpstreamTimeout,
     StoreUnavailable,
+    Unauthorized,
+    RateLimited { retry_after: Duration },
+    LockNotHeld,
 }
 
 impl ProxyError {
@@ -37,6 +40,9 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable(_) => "upstream_unavailable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::StoreUnavailable => "store_unavailable",
+            ProxyError::Unauthorized => "unauthorized",
+            ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::LockNotHeld => "lock_not_held",
         }
     }
 
@@ -53,6 +59,9 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::LockNotHeld => StatusCode::CONFLICT,
         }
     }
 
@@ -69,6 +78,9 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable(_) => "Upstream unavailable",
             ProxyError::UpstreamTimeout => "Upstream timeout",
             ProxyError::StoreUnavailable => "Store unavailable",
+            ProxyError::Unauthorized => "Unauthorized",
+            ProxyError::RateLimited { .. } => "Too many requests",
+            ProxyError::LockNotHeld => "Lock not held",
         }
     }
 
@@ -85,6 +97,11 @@ impl ProxyError {
             ProxyError::UpstreamUnavailable(why) => format!("the upstream could not be reached: {why}"),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
             ProxyError::StoreUnavailable => "the idempotency store is unavailable".into(),
+            ProxyError::Unauthorized => "a valid bearer token is required".into(),
+            ProxyError::RateLimited { .. } => "this token has exceeded its rate limit".into(),
+            ProxyError::LockNotHeld => {
+                "no lock is held with this token: it was completed, released or its lease expired".into()
+            }
         }
     }
 
@@ -104,9 +121,14 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
-        if let ProxyError::InProgress { retry_after } = &self {
+        if let ProxyError::InProgress { retry_after } | ProxyError::RateLimited { retry_after } =
+            &self
+        {
             let secs = retry_after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ProxyError::Unauthorized = &self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

@@ -8,6 +8,7 @@
 //! - [`proxy`]: the request pipeline: pass-through streaming, and on enforced routes
 //!   route → key → body → fingerprint → store → replay | wait | forward and record.
 //! - [`reload`]: SIGHUP swaps routes and idempotency settings atomically.
+//! - [`record_api`]: lock / store / release records for workers that are not HTTP requests.
 //! - [`error`]: the one mapping from failures to problem+json responses.
 //! - [`metrics`]: Prometheus series for the admin listener.
 //! - [`body`]: the body type shared by every stage.
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod error;
 pub mod metrics;
 pub mod proxy;
+pub mod record_api;
 pub mod reload;
 pub mod server;
 pub mod store;
@@ -46,6 +48,7 @@ use server::admin::AdminState;
 pub struct Listeners {
     pub proxy: TcpListener,
     pub admin: Option<TcpListener>,
+    pub record_api: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -55,7 +58,15 @@ impl Listeners {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
-        Ok(Listeners { proxy, admin })
+        let record_api = match &config.record_api {
+            Some(api) => Some(TcpListener::bind(api.listen).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            proxy,
+            admin,
+            record_api,
+        })
     }
 
     pub fn proxy_addr(&self) -> std::io::Result<SocketAddr> {
@@ -64,6 +75,10 @@ impl Listeners {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    pub fn record_api_addr(&self) -> Option<SocketAddr> {
+        self.record_api.as_ref().and_then(|l| l.local_addr().ok())
     }
 }
 
@@ -93,6 +108,11 @@ pub async fn run_with_reloads(
     let tasks = TaskTracker::new();
     let store = build_store(&config)?;
     let metrics = metrics::Metrics::new(store.clone());
+    let api_stop = CancellationToken::new();
+    if let (Some(listener), Some(api)) = (listeners.record_api, &config.record_api) {
+        let api = record_api::RecordApi::new(api.clone(), store.clone());
+        tokio::spawn(api.serve(listener, api_stop.clone()));
+    }
     let proxy = Proxy::new(
         config.clone(),
         upstream,
@@ -136,6 +156,7 @@ pub async fn run_with_reloads(
         tracing::warn!("shutdown grace passed with upstream exchanges still running");
     }
     admin_stop.cancel();
+    api_stop.cancel();
     Ok(())
 }
 
@@ -161,6 +182,7 @@ pub async fn serve_until_signalled(
     tracing::info!(
         listen = %proxy_addr,
         admin = listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
+        record_api = listeners.record_api_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %config.upstream.url,
         config = ?config_path,
         "idemgate listening"

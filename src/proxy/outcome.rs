@@ -71,6 +71,10 @@ impl Outcome {
                 Outcome::UpstreamError
             }
             ProxyError::StoreUnavailable => Outcome::StoreError,
+            // Record API answers; never produced on the proxy path.
+            ProxyError::Unauthorized | ProxyError::RateLimited { .. } | ProxyError::LockNotHeld => {
+                Outcome::BadRequest
+            }
         }
     }
 }

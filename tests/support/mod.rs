@@ -141,6 +141,7 @@ pub fn echo_response(seen: &Seen, n: usize) -> Response<Body> {
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub record_api: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
@@ -153,6 +154,9 @@ pub fn config(toml: &str, upstream: &str) -> idemgate::config::Config {
         Ok(mut c) => {
             c.server.listen = "127.0.0.1:0".parse().unwrap();
             c.server.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+            if let Some(api) = &mut c.record_api {
+                api.listen = "127.0.0.1:0".parse().unwrap();
+            }
             c
         }
         Err(errors) => panic!("test config invalid: {errors:?}\n{text}"),
@@ -168,6 +172,7 @@ impl TestProxy {
         let listeners = idemgate::Listeners::bind(&config).await.unwrap();
         let addr = listeners.proxy_addr().unwrap();
         let admin = listeners.admin_addr();
+        let record_api = listeners.record_api_addr();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let task = tokio::spawn(idemgate::run(config, listeners, async move {
             let _ = stop_rx.await;
@@ -175,6 +180,7 @@ impl TestProxy {
         TestProxy {
             addr,
             admin,
+            record_api,
             stop: Some(stop_tx),
             task: Some(task),
         }
