@@ -64,12 +64,13 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match idemgate::config::load(path) {
         Ok(config) => {
-            println!("{}: ok", path.display());
-            print!("{}", config.describe_routes());
+            // A closed pipe (`check | head`) is not an error worth a panic.
+            let text = format!("{}: ok\n{}", path.display(), config.describe_routes());
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), format!("{e}\n").as_bytes());
             ExitCode::from(2)
         }
     }
@@ -96,7 +97,8 @@ async fn demo(listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> Resu
     let mut config = idemgate::demo::config(&api)?;
     config.server.listen = listen;
     config.server.admin_listen = Some(admin);
-    eprintln!("{}", idemgate::demo::instructions(&listen.to_string()));
+    let text = idemgate::demo::instructions(&listen.to_string());
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), text.as_bytes());
     idemgate::serve_until_signalled(config, None).await
 }
 

@@ -78,7 +78,7 @@ impl Config {
             let p = &r.policy;
             let methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();
             out.push_str(&format!(
-                "route {:?}: {} {}\n  key: {} (required: {}, length {}..={})\n  ttl: {}, store_statuses: {}, concurrent: {:?} (wait_timeout {}), mismatch_status: {}\n",
+                "route {:?}: {} {}\n  key: {} (required: {}, length {}..={})\n  ttl: {}, store_statuses: {}, concurrent: {} (wait_timeout {}), mismatch_status: {}\n",
                 r.name,
                 methods.join("|"),
                 r.path.as_str(),

@@ -77,6 +77,15 @@ pub enum Concurrent {
     Reject,
 }
 
+impl std::fmt::Display for Concurrent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Concurrent::Wait => "wait",
+            Concurrent::Reject => "reject",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FingerprintPart {
     Method,
