@@ -4,6 +4,7 @@
 pub mod model;
 pub mod pattern;
 pub mod raw;
+mod routes;
 mod validate;
 pub mod values;
 
