@@ -87,6 +87,7 @@ async fn twenty_mib_up_and_down_stream_byte_exact_without_buffering() {
     );
 
     let grown_kib = proxy.peak_rss_kib().saturating_sub(baseline);
+    eprintln!("proxy peak RSS: {baseline} KiB before, +{grown_kib} KiB after 2 x 20 MiB");
     // 20 MiB moved each way; a buffering proxy would grow by at least that much.
     assert!(
         grown_kib < 8 * 1024,

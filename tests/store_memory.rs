@@ -55,6 +55,7 @@ async fn two_hundred_thousand_1kib_records_never_exceed_32mib() {
         );
     }
     let stats = store.stats();
+    eprintln!("200k records: peak {peak} bytes of {MAX}; {stats:?}");
     // Near the bound, not far under it: eviction makes room, it does not empty the store.
     assert!(peak > MAX / 2, "peak {peak} is far below the bound");
     assert!(
