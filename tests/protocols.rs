@@ -94,17 +94,26 @@ fn tls_setup(upstream: &str, alpn: &[&[u8]]) -> TlsSetup {
     }
 }
 
+impl TlsSetup {
+    async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        self.connector
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake")
+    }
+}
+
 #[tokio::test]
 async fn tls_termination_negotiates_h2_by_alpn() {
     let upstream = FakeUpstream::echo().await;
     let setup = tls_setup(&upstream.url(), &[b"h2", b"http/1.1"]);
     let proxy = TestProxy::with_config(setup.config.clone()).await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let tls = setup
-        .connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = setup.connect(proxy.addr).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (status, version, body) = h2_get(tls, "localhost", "/secure").await;
     assert_eq!(status, StatusCode::CREATED);
@@ -130,12 +139,7 @@ async fn tls_termination_serves_http1_and_sets_forwarded_proto() {
     .await;
     let setup = tls_setup(&upstream.url(), &[b"http/1.1"]);
     let proxy = TestProxy::with_config(setup.config.clone()).await;
-    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-    let tls = setup
-        .connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .expect("TLS handshake");
+    let tls = setup.connect(proxy.addr).await;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();

@@ -103,7 +103,7 @@ mod tests {
 
     fn key(value: &str) -> Result<Option<String>, ProxyError> {
         let mut h = HeaderMap::new();
-        h.insert("idempotency-key", value.parse().unwrap());
+        h.insert("idempotency-key", value.parse().unwrap()); // ok: test
         from_header(
             &h,
             &HeaderName::from_static("idempotency-key"),
@@ -113,9 +113,9 @@ mod tests {
 
     #[test]
     fn sf_string_and_token_are_one_key() {
-        assert_eq!(key("\"abc\"").unwrap(), Some("abc".into()));
-        assert_eq!(key("abc").unwrap(), Some("abc".into()));
-        assert_eq!(key("\"a\\\"b\"").unwrap(), Some("a\"b".into()));
+        assert_eq!(key("\"abc\"").unwrap(), Some("abc".into())); // ok: test
+        assert_eq!(key("abc").unwrap(), Some("abc".into())); // ok: test
+        assert_eq!(key("\"a\\\"b\"").unwrap(), Some("a\"b".into())); // ok: test
     }
 
     #[test]
