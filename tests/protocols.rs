@@ -59,6 +59,7 @@ async fn h2c_prior_knowledge_works_on_plain_tcp() {
 
 struct TlsSetup {
     _dir: tempfile::TempDir,
+    cert_path: std::path::PathBuf,
     connector: tokio_rustls::TlsConnector,
     config: idemgate::config::Config,
 }
@@ -89,6 +90,7 @@ fn tls_setup(upstream: &str, alpn: &[&[u8]]) -> TlsSetup {
     client.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     TlsSetup {
         _dir: dir,
+        cert_path,
         connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
         config,
     }
@@ -156,4 +158,38 @@ async fn tls_termination_serves_http1_and_sets_forwarded_proto() {
         Bytes::from("https")
     );
     proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn https_upstream_is_reached_with_ca_file_and_refused_without_it() {
+    // The https upstream is idemgate itself terminating TLS in front of an echo server.
+    let echo = FakeUpstream::echo().await;
+    let setup = tls_setup(&echo.url(), &[b"h2"]);
+    let https = TestProxy::with_config(setup.config.clone()).await;
+    let url = format!("https://localhost:{}", https.addr.port());
+
+    let trusted = format!(
+        "[upstream]\nurl = \"{{upstream}}\"\nca_file = {:?}\n",
+        setup.cert_path.display().to_string()
+    );
+    let proxy = TestProxy::start(&trusted, &url).await;
+    let got = Client::new()
+        .post(&proxy.url("/over-tls?x=1"), &[], "secret payload")
+        .await;
+    assert_eq!(got.status, StatusCode::CREATED);
+    assert_eq!(got.json()["uri"], "/over-tls?x=1");
+    assert_eq!(got.json()["body"], "secret payload");
+    proxy.shutdown().await;
+
+    let untrusted = TestProxy::start(BASE, &url).await;
+    let refused = Client::new().get(&untrusted.url("/over-tls")).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "a certificate outside the roots must fail"
+    );
+    assert_eq!(refused.code(), "upstream_unavailable");
+    untrusted.shutdown().await;
+    assert_eq!(echo.calls(), 1);
+    https.shutdown().await;
 }
