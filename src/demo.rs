@@ -2,7 +2,6 @@
 //! proxy in front of it using `proxy.toml.example`'s routes, so a newcomer can watch a
 //! retry replay instead of creating a second order.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -10,8 +9,6 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::body::{full, Body};
@@ -23,20 +20,17 @@ pub async fn start_api() -> std::io::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let orders = Arc::new(AtomicU64::new(0));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+    // Runs for the life of the process, like the demo itself.
+    let forever = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::server::http1::serve(
+        listener,
+        "demo API",
+        forever,
+        move |req| {
             let orders = orders.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let orders = orders.clone();
-                    async move { Ok::<_, Infallible>(api(req, &orders).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+            async move { api(req, &orders).await }
+        },
+    ));
     Ok(format!("http://{addr}"))
 }
 

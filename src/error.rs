@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, response, HeaderValue, Response, StatusCode};
 
 use crate::body::{full, Body};
 
@@ -106,6 +106,12 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<Body> {
+        let (parts, body) = self.to_parts();
+        Response::from_parts(parts, full(body))
+    }
+
+    /// The response head and problem document, for callers that record them too.
+    pub fn to_parts(&self) -> (response::Parts, Bytes) {
         let status = self.status();
         let doc = serde_json::json!({
             "type": format!("https://idemgate.dev/problems/{}", self.code().replace('_', "-")),
@@ -114,23 +120,23 @@ impl ProxyError {
             "detail": self.detail(),
             "code": self.code(),
         });
-        let mut resp = Response::new(full(Bytes::from(doc.to_string())));
-        *resp.status_mut() = status;
-        let headers = resp.headers_mut();
+        let (mut parts, ()) = Response::new(()).into_parts();
+        parts.status = status;
+        let headers = &mut parts.headers;
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
         if let ProxyError::InProgress { retry_after } | ProxyError::RateLimited { retry_after } =
-            &self
+            self
         {
             let secs = retry_after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        if let ProxyError::Unauthorized = &self {
+        if let ProxyError::Unauthorized = self {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        resp
+        (parts, Bytes::from(doc.to_string()))
     }
 }
 

@@ -152,34 +152,38 @@ impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.0.stats();
         let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
-        let records = gauge(s.records);
-        records.encode(encoder.encode_descriptor(
+        emit(
+            &mut encoder,
             "store_records",
             "Completed records held",
-            None,
-            records.metric_type(),
-        )?)?;
-        let bytes = gauge(s.bytes);
-        bytes.encode(encoder.encode_descriptor(
+            gauge(s.records),
+        )?;
+        emit(
+            &mut encoder,
             "store_bytes",
             "Bytes of completed records held",
-            None,
-            bytes.metric_type(),
-        )?)?;
-        let evicted = ConstCounter::new(s.evicted_before_ttl);
-        evicted.encode(encoder.encode_descriptor(
+            gauge(s.bytes),
+        )?;
+        emit(
+            &mut encoder,
             "evicted_before_ttl",
             "Completed records evicted for space before their ttl (a retry of one runs again)",
-            None,
-            evicted.metric_type(),
-        )?)?;
-        let lost = ConstCounter::new(s.lease_lost);
-        lost.encode(encoder.encode_descriptor(
+            ConstCounter::new(s.evicted_before_ttl),
+        )?;
+        emit(
+            &mut encoder,
             "lease_lost",
             "In-flight leases lost while their holder was still working (shared stores only)",
-            None,
-            lost.metric_type(),
-        )?)?;
-        Ok(())
+            ConstCounter::new(s.lease_lost),
+        )
     }
+}
+
+fn emit(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }

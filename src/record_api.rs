@@ -4,7 +4,6 @@
 //! its records are hashed with it, so two tokens never see each other's records.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,8 +11,6 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -84,34 +81,15 @@ impl RecordApi {
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "record API accept failed");
-                        continue;
-                    }
-                },
-                _ = stop.cancelled() => return,
-            };
+        crate::server::http1::serve(listener, "record API", stop, move |req| {
             let api = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let api = api.clone();
-                    async move {
-                        Ok::<_, Infallible>(
-                            api.handle(req)
-                                .await
-                                .unwrap_or_else(ProxyError::into_response),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+            async move {
+                api.handle(req)
+                    .await
+                    .unwrap_or_else(ProxyError::into_response)
+            }
+        })
+        .await;
     }
 
     async fn handle(

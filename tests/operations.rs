@@ -76,7 +76,7 @@ async fn every_outcome_is_counted_once() {
         .await; // too_large
 
     // conflict on the strict route (reject), coalesced on orders (wait)
-    gate.release_closed();
+    gate.close();
     let first = spawn_post(&c, &strict, &[("idempotency-key", "busy")], "x");
     // Calls 1 (pass-through) and 2 (forwarded) went through the open gate.
     assert_eq!((gate.entered().await, gate.entered().await), (1, 2));

@@ -179,7 +179,7 @@ async fn salesbricks_stores_every_status_with_its_own_header() {
 
     let proxy = TestProxy::start(&profile("salesbricks"), &upstream.url()).await;
     let url = proxy.url("/api/v1/usage");
-    gate.release_closed();
+    gate.close();
     let first = spawn_post(&c, &url, &[(KEY, "u-2")], "usage");
     gate.entered().await;
     let busy = c.post(&url, &[(KEY, "u-2")], "usage").await;

@@ -184,12 +184,11 @@ async fn run(
     let exchange = Exchange {
         _inflight: proxy.inner.metrics.inflight(&route.name),
         upstream: proxy.inner.upstream.clone(),
-        request,
         policy: Arc::clone(&route.policy),
         fingerprint: fp,
         claim,
     };
-    match record::spawn(&proxy.inner.tasks, exchange).await {
+    match record::spawn(&proxy.inner.tasks, exchange, request).await {
         Ok(done) => {
             let outcome = if done.upstream_error {
                 Outcome::UpstreamError

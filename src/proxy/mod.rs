@@ -71,10 +71,6 @@ impl Proxy {
         self.inner.config.store(config);
     }
 
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
     pub async fn handle(&self, req: Request<Incoming>, conn: ConnInfo) -> Response<Body> {
         let config = self.inner.config.load_full();
         let method = req.method().clone();

@@ -31,17 +31,20 @@ pub struct Exchange {
     /// Held for as long as the exchange runs, client or no client.
     pub _inflight: crate::metrics::GaugeGuard,
     pub upstream: Upstream,
-    pub request: Request<Bytes>,
     pub policy: Arc<Policy>,
     pub fingerprint: Fingerprint,
     pub claim: Claim,
 }
 
 /// Starts the exchange on `tasks` and returns where its answer will arrive.
-pub fn spawn(tasks: &tokio_util::task::TaskTracker, ex: Exchange) -> oneshot::Receiver<Outcome> {
+pub fn spawn(
+    tasks: &tokio_util::task::TaskTracker,
+    ex: Exchange,
+    request: Request<Bytes>,
+) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
     tasks.spawn(async move {
-        let outcome = ex.run().await;
+        let outcome = ex.run(request.map(full)).await;
         // The client may be gone; the record is what matters then.
         let _ = tx.send(outcome);
     });
@@ -49,10 +52,9 @@ pub fn spawn(tasks: &tokio_util::task::TaskTracker, ex: Exchange) -> oneshot::Re
 }
 
 impl Exchange {
-    async fn run(self) -> Outcome {
+    async fn run(self, req: Request<Body>) -> Outcome {
         let started = Instant::now();
         let deadline = started + self.upstream.timeout;
-        let req = self.request.clone().map(full);
         let (response, upstream_error) = match self.upstream.send(req).await {
             Err(failure) => (self.failed(failure).await, true),
             Ok(resp) => self.received(resp, deadline).await,
@@ -101,12 +103,7 @@ impl Exchange {
             self.claim.release();
             return error.into_response();
         }
-        let (parts, body) = error.into_response().into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let (parts, bytes) = error.to_parts();
         let record = self.record(&parts, Some(bytes.clone()));
         let response = replay::respond(&record, bytes);
         self.complete(record).await;

@@ -1,14 +1,11 @@
 //! The admin listener: liveness, readiness (503 while draining or while the store does
 //! not answer) and Prometheus metrics. Plain HTTP/1.1, never exposed with the proxy.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -28,28 +25,11 @@ impl AdminState {
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+    super::http1::serve(listener, "admin", stop, move |req| {
+        let answer = respond(&state, req);
+        async move { answer }
+    })
+    .await;
 }
 
 fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Body> {

@@ -2,6 +2,7 @@
 //! knowledge on plain TCP, ALPN on TLS), header-read timeout, and graceful drain.
 
 pub mod admin;
+pub mod http1;
 pub mod tls;
 
 use std::convert::Infallible;

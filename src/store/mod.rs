@@ -7,7 +7,6 @@ pub mod memory;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
@@ -149,10 +148,6 @@ impl Claim {
 
     /// Explicit release (same as drop), for readability at call sites.
     pub fn release(self) {}
-
-    pub fn ttl_deadline(ttl: Duration) -> tokio::time::Instant {
-        tokio::time::Instant::now() + ttl
-    }
 }
 
 impl Drop for Claim {

@@ -297,19 +297,6 @@ pub fn request(
         .unwrap()
 }
 
-/// Polls `check` until it holds or `deadline` passes.
-pub async fn eventually<F: FnMut() -> bool>(what: &str, deadline: Duration, mut check: F) {
-    let end = tokio::time::Instant::now() + deadline;
-    let mut poll = tokio::time::interval(Duration::from_millis(5));
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < end,
-            "not true within {deadline:?}: {what}"
-        );
-        poll.tick().await;
-    }
-}
-
 /// A body of `total` bytes following a fixed pattern, produced in chunks as it is read,
 /// so neither side ever holds the whole body.
 pub struct PatternBody {
@@ -529,7 +516,7 @@ impl Gate {
     }
 
     /// Closes the gate again: requests from now on wait for the next [`Gate::open`].
-    pub fn release_closed(&self) {
+    pub fn close(&self) {
         self.release.send_replace(false);
     }
 }
