@@ -59,3 +59,49 @@ where
         std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
 }
+
+/// A client's request body streamed upstream, remembering whether it failed, so that a
+/// malformed upload (a chunk size that overflows, say) is answered 400 as the client's
+/// fault rather than 502 as the upstream's.
+pub struct ClientBody<B> {
+    inner: B,
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<B> ClientBody<B> {
+    pub fn new(inner: B) -> (Self, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = ClientBody {
+            inner,
+            failed: failed.clone(),
+        };
+        (body, failed)
+    }
+}
+
+impl<B> http_body::Body for ClientBody<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -10,11 +10,14 @@ use crate::body::{full, Body};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
-    KeyMissing { header: String },
+    /// `source` says where the key was looked for: "the Idempotency-Key header".
+    KeyMissing { source: String },
     KeyInvalid(String),
     BodyTooLarge { limit: u64 },
     BodyTimeout,
     BadRequest(String),
+    HeadersTooLarge,
+    UriTooLong,
     NotRetained,
     Mismatch { status: StatusCode },
     InProgress { retry_after: Duration },
@@ -34,6 +37,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "request_body_too_large",
             ProxyError::BodyTimeout => "request_body_timeout",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::HeadersTooLarge => "request_headers_too_large",
+            ProxyError::UriTooLong => "uri_too_long",
             ProxyError::NotRetained => "idempotency_response_not_retained",
             ProxyError::Mismatch { .. } => "idempotency_key_mismatch",
             ProxyError::InProgress { .. } => "idempotency_request_in_progress",
@@ -52,6 +57,8 @@ impl ProxyError {
             | ProxyError::KeyInvalid(_)
             | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::NotRetained => StatusCode::GONE,
             ProxyError::Mismatch { status } => *status,
@@ -72,6 +79,8 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => "Request body too large",
             ProxyError::BodyTimeout => "Request body timeout",
             ProxyError::BadRequest(_) => "Bad request",
+            ProxyError::HeadersTooLarge => "Request headers too large",
+            ProxyError::UriTooLong => "URI too long",
             ProxyError::NotRetained => "Response not retained",
             ProxyError::Mismatch { .. } => "Idempotency key reused",
             ProxyError::InProgress { .. } => "Request in progress",
@@ -86,11 +95,13 @@ impl ProxyError {
 
     fn detail(&self) -> String {
         match self {
-            ProxyError::KeyMissing { header } => format!("this endpoint requires an {header} header"),
+            ProxyError::KeyMissing { source } => format!("this endpoint requires an idempotency key in {source}"),
             ProxyError::KeyInvalid(why) => why.clone(),
             ProxyError::BodyTooLarge { limit } => format!("the request body is larger than {limit} bytes"),
             ProxyError::BodyTimeout => "the request body did not arrive in time".into(),
             ProxyError::BadRequest(why) => why.clone(),
+            ProxyError::HeadersTooLarge => "the request line and headers are larger than server.max_header_bytes, or there are more than 100 headers".into(),
+            ProxyError::UriTooLong => "the request target is too long".into(),
             ProxyError::NotRetained => "the request with this key completed, but its response was too large to keep; it is not run again".into(),
             ProxyError::Mismatch { .. } => "this idempotency key was already used with a different request".into(),
             ProxyError::InProgress { .. } => "a request with this idempotency key is still being processed; retry later".into(),

@@ -93,6 +93,10 @@ pub async fn run(
 }
 
 /// [`run`], also applying every config that arrives on `reloads` ([`reload::apply`]).
+///
+/// Shutdown is one tree: the proxy listener stops first and its connections drain, then
+/// the detached upstream exchanges get what is left of `shutdown_grace` to be recorded,
+/// then the side listeners (admin, record API with its lease timers) stop and are joined.
 pub async fn run_with_reloads(
     config: Config,
     listeners: Listeners,
@@ -105,13 +109,15 @@ pub async fn run_with_reloads(
         Some(files) => Some(server::tls::acceptor(files)?),
         None => None,
     };
+    let root = CancellationToken::new();
+    let (proxy_stop, side_stop) = (root.child_token(), CancellationToken::new());
+    let side = TaskTracker::new();
     let tasks = TaskTracker::new();
     let store = build_store(&config)?;
     let metrics = metrics::Metrics::new(store.clone());
-    let api_stop = CancellationToken::new();
     if let (Some(listener), Some(api)) = (listeners.record_api, &config.record_api) {
-        let api = record_api::RecordApi::new(api.clone(), store.clone());
-        tokio::spawn(api.serve(listener, api_stop.clone()));
+        let api = record_api::RecordApi::new(api.clone(), store.clone(), side_stop.clone());
+        side.spawn(api.serve(listener));
     }
     let proxy = Proxy::new(
         config.clone(),
@@ -123,30 +129,27 @@ pub async fn run_with_reloads(
     if let Some(rx) = reloads {
         tokio::spawn(reload::apply_all(proxy.clone(), rx));
     }
-    let stop = CancellationToken::new();
-    let admin_stop = CancellationToken::new();
+    let connections = server::Connections::new(config.server.max_connections);
     let admin_state = AdminState {
         draining: Default::default(),
         metrics: Some(metrics),
+        connections: Some(connections.clone()),
     };
     if let Some(admin) = listeners.admin {
-        tokio::spawn(server::admin::serve(
-            admin,
-            admin_state.clone(),
-            admin_stop.clone(),
-        ));
+        side.spawn(server::admin::serve(admin, admin_state.clone(), side_stop.clone()));
     }
     let serving = tokio::spawn(server::serve(
         listeners.proxy,
         tls,
         proxy,
         config.server.clone(),
-        stop.clone(),
+        connections,
+        proxy_stop,
     ));
     shutdown.await;
     tracing::info!("shutting down: draining connections");
     admin_state.draining.store(true, Ordering::Release);
-    stop.cancel();
+    root.cancel();
     let _ = serving.await;
     tasks.close();
     if tokio::time::timeout(config.server.shutdown_grace, tasks.wait())
@@ -155,8 +158,9 @@ pub async fn run_with_reloads(
     {
         tracing::warn!("shutdown grace passed with upstream exchanges still running");
     }
-    admin_stop.cancel();
-    api_stop.cancel();
+    side_stop.cancel();
+    side.close();
+    side.wait().await;
     Ok(())
 }
 

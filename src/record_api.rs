@@ -15,6 +15,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::body::{full, Body};
 use crate::config::RecordApiConfig;
@@ -47,6 +48,9 @@ pub struct RecordApi {
     store: Arc<dyn Store>,
     locks: Mutex<HashMap<String, Held>>,
     windows: Mutex<HashMap<String, (Instant, u32)>>,
+    /// Lease timers: they end with the listener, and [`RecordApi::serve`] joins them.
+    leases: TaskTracker,
+    stop: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -71,18 +75,22 @@ fn random_token() -> Result<String, ProxyError> {
 }
 
 impl RecordApi {
-    pub fn new(config: RecordApiConfig, store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(config: RecordApiConfig, store: Arc<dyn Store>, stop: CancellationToken) -> Arc<Self> {
         Arc::new(RecordApi {
             config,
             store,
             locks: Mutex::default(),
             windows: Mutex::default(),
+            leases: TaskTracker::new(),
+            stop,
         })
     }
 
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
-        crate::server::http1::serve(listener, "record API", stop, move |req| {
-            let api = self.clone();
+    /// Serves until the `stop` given to [`RecordApi::new`] fires, then joins the leases.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let api = self.clone();
+        crate::server::http1::serve(listener, "record API", self.stop.clone(), move |req| {
+            let api = api.clone();
             async move {
                 api.handle(req)
                     .await
@@ -90,6 +98,8 @@ impl RecordApi {
             }
         })
         .await;
+        self.leases.close();
+        self.leases.wait().await;
     }
 
     async fn handle(
@@ -174,7 +184,7 @@ impl RecordApi {
                 let token = random_token()?;
                 let expires = Instant::now() + self.config.lease;
                 lock(&self.locks).insert(token.clone(), Held { id, claim, expires });
-                tokio::spawn(self.clone().expire(token.clone()));
+                self.leases.spawn(self.clone().expire(token.clone()));
                 let lease_ms = self.config.lease.as_millis() as u64;
                 Ok(json(
                     StatusCode::OK,
@@ -233,7 +243,10 @@ impl RecordApi {
             let Some(expires) = lock(&self.locks).get(&token).map(|h| h.expires) else {
                 return;
             };
-            tokio::time::sleep_until(expires).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(expires) => {}
+                _ = self.stop.cancelled() => return,
+            }
             let mut locks = lock(&self.locks);
             if locks
                 .get(&token)

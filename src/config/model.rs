@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
     pub max_request_body: u64,
+    /// Request line plus header section; larger heads get 431.
+    pub max_header_bytes: usize,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub max_connections: usize,
@@ -195,6 +197,29 @@ pub enum KeySource {
     Header(HeaderName),
     /// RFC 6901 pointer into a JSON request body (webhook event ids).
     JsonPointer(String),
+}
+
+impl KeySource {
+    /// Where a client must put the key, for error details: "the Idempotency-Key header".
+    pub fn location(&self) -> String {
+        match self {
+            KeySource::Header(h) => format!("the {} header", title_case(h.as_str())),
+            KeySource::JsonPointer(p) => format!("the JSON body member {p}"),
+        }
+    }
+}
+
+/// `idempotency-key` → `Idempotency-Key`, as users write header names.
+fn title_case(name: &str) -> String {
+    name.split('-')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("-")
 }
 
 impl std::fmt::Display for KeySource {

@@ -1,7 +1,10 @@
 //! Reads the TOML document with spans, so that every error can name its key path and
 //! line, and so that one pass reports every error of a file instead of the first.
 
+use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::ops::Range;
+use std::rc::Rc;
 
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
@@ -24,10 +27,20 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
-/// Collects errors while the validator walks the document.
+/// Collects errors while the validator walks the document, and remembers which keys of
+/// every table it opened were asked for: [`Reader::finish`] reports the others as
+/// unknown, so the accepted schema is exactly what the code reads.
 pub struct Reader<'s> {
     src: &'s str,
     pub errors: Vec<ConfigError>,
+    opened: Vec<Opened>,
+}
+
+/// A table's keys as written, and the keys the validator asked it for.
+struct Opened {
+    path: String,
+    keys: Vec<(String, Range<usize>)>,
+    asked: Rc<RefCell<BTreeSet<String>>>,
 }
 
 /// A value in the document with where it came from.
@@ -37,11 +50,12 @@ pub struct Node<'a, 'i> {
     pub span: Range<usize>,
 }
 
-/// A table whose unknown keys have already been reported.
+/// A table being read; every key looked up through it counts as known.
 pub struct Section<'a, 'i> {
     pub path: String,
     pub span: Range<usize>,
     table: Option<&'a DeTable<'i>>,
+    asked: Rc<RefCell<BTreeSet<String>>>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -57,6 +71,7 @@ impl<'s> Reader<'s> {
         Reader {
             src,
             errors: Vec::new(),
+            opened: Vec::new(),
         }
     }
 
@@ -78,13 +93,8 @@ impl<'s> Reader<'s> {
         });
     }
 
-    /// Opens `node` (or an empty table when absent) as a section allowing `allowed` keys.
-    pub fn section<'a, 'i>(
-        &mut self,
-        path: &str,
-        node: Option<Node<'a, 'i>>,
-        allowed: &[&str],
-    ) -> Section<'a, 'i> {
+    /// Opens `node` (or an empty table when absent) as a section.
+    pub fn section<'a, 'i>(&mut self, path: &str, node: Option<Node<'a, 'i>>) -> Section<'a, 'i> {
         let span = node.as_ref().map(|n| n.span.clone()).unwrap_or(0..0);
         let table = match node.as_ref().map(|n| n.value) {
             None => None,
@@ -96,35 +106,50 @@ impl<'s> Reader<'s> {
                 None
             }
         };
+        self.open(path, span, table)
+    }
+
+    /// The document itself as a section.
+    pub fn root<'a, 'i>(&mut self, doc: &'a Spanned<DeTable<'i>>) -> Section<'a, 'i> {
+        self.open("", doc.span(), Some(doc.get_ref()))
+    }
+
+    fn open<'a, 'i>(
+        &mut self,
+        path: &str,
+        span: Range<usize>,
+        table: Option<&'a DeTable<'i>>,
+    ) -> Section<'a, 'i> {
+        let asked = Rc::new(RefCell::new(BTreeSet::new()));
         if let Some(t) = table {
-            self.check_keys(path, t, allowed);
+            let keys = t
+                .iter()
+                .map(|(k, _)| (k.get_ref().to_string(), k.span()))
+                .collect();
+            self.opened.push(Opened {
+                path: path.to_string(),
+                keys,
+                asked: asked.clone(),
+            });
         }
         Section {
             path: path.to_string(),
             span,
             table,
+            asked,
         }
     }
 
-    /// The document itself as a section allowing `allowed` top-level keys.
-    pub fn root<'a, 'i>(
-        &mut self,
-        doc: &'a Spanned<DeTable<'i>>,
-        allowed: &[&str],
-    ) -> Section<'a, 'i> {
-        self.check_keys("", doc.get_ref(), allowed);
-        Section {
-            path: String::new(),
-            span: doc.span(),
-            table: Some(doc.get_ref()),
-        }
-    }
-
-    fn check_keys(&mut self, path: &str, table: &DeTable, allowed: &[&str]) {
-        for (key, _) in table.iter() {
-            if !allowed.contains(&key.get_ref().as_ref()) {
-                let msg = format!("unknown key (expected one of: {})", allowed.join(", "));
-                self.error(&join(path, key.get_ref()), &key.span(), msg);
+    /// Reports every key of every opened table that the validator never asked for.
+    pub fn finish(&mut self) {
+        for opened in std::mem::take(&mut self.opened) {
+            let asked = opened.asked.borrow();
+            let expected: Vec<&str> = asked.iter().map(String::as_str).collect();
+            for (key, span) in &opened.keys {
+                if !asked.contains(key) {
+                    let msg = format!("unknown key (expected one of: {})", expected.join(", "));
+                    self.error(&join(&opened.path, key), span, msg);
+                }
             }
         }
     }
@@ -145,7 +170,15 @@ impl<'s> Reader<'s> {
 
     pub fn integer(&mut self, path: &str, node: &Node) -> Option<i64> {
         match node.value {
-            DeValue::Integer(i) => i64::from_str_radix(i.as_str(), i.radix()).ok(),
+            DeValue::Integer(i) => {
+                let digits = i.as_str().replace('_', "");
+                let parsed = i64::from_str_radix(&digits, i.radix()).ok();
+                parsed.or_else(|| {
+                    let msg = format!("{} is out of range", i.as_str());
+                    self.error(path, &node.span, msg);
+                    None
+                })
+            }
             _ => self.expected(path, node, "an integer"),
         }
     }
@@ -181,6 +214,7 @@ fn node_of<'a, 'i>(v: &'a Spanned<DeValue<'i>>) -> Node<'a, 'i> {
 
 impl<'a, 'i> Section<'a, 'i> {
     pub fn get(&self, key: &str) -> Option<Node<'a, 'i>> {
+        self.asked.borrow_mut().insert(key.to_string());
         self.table?
             .iter()
             .find(|(k, _)| k.get_ref().as_ref() == key)

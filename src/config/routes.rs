@@ -8,10 +8,8 @@ use http::{HeaderValue, StatusCode};
 use super::model::*;
 use super::pattern::PathPattern;
 use super::raw::{Node, Reader, Section};
-use super::validate::{policy, POLICY_KEYS};
+use super::validate::policy;
 use super::values::*;
-
-const ROUTE_KEYS: &[&str] = &["name", "methods", "path", "key", "duplicate_response"];
 
 pub(super) fn routes(r: &mut Reader, root: &Section, defaults: &Arc<Policy>) -> Vec<Route> {
     let Some(node) = root.get("routes") else {
@@ -55,8 +53,7 @@ fn route_name(node: Node) -> Option<(String, std::ops::Range<usize>)> {
 }
 
 fn route(r: &mut Reader, path: &str, node: Node, defaults: &Arc<Policy>) -> Option<Route> {
-    let allowed: Vec<&str> = ROUTE_KEYS.iter().chain(POLICY_KEYS).copied().collect();
-    let sec = r.section(path, Some(node), &allowed);
+    let sec = r.section(path, Some(node));
     let name = required(r, &sec, "name", string);
     let methods = opt(r, &sec, "methods", methods).unwrap_or_else(|| vec![http::Method::POST]);
     let pattern = required(r, &sec, "path", |r, p, n| {
@@ -96,10 +93,10 @@ fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
             "a table { header = \"NAME\" } or { json_pointer = \"/id\" }",
         );
     }
-    let sec = r.section(path, Some(node), &["header", "json_pointer"]);
+    let sec = r.section(path, Some(node));
     let given =
         usize::from(sec.get("header").is_some()) + usize::from(sec.get("json_pointer").is_some());
-    let header = opt(r, &sec, "header", header_name);
+    let header = opt(r, &sec, "header", request_header);
     let pointer = opt(r, &sec, "json_pointer", |r, p, n| {
         let s = r.string(p, n)?;
         if !(s.is_empty() || s.starts_with('/')) {
@@ -129,8 +126,8 @@ fn key_source(r: &mut Reader, path: &str, node: Node) -> Option<KeySource> {
 }
 
 fn duplicate_response(r: &mut Reader, path: &str, node: Node) -> Option<DuplicateResponse> {
-    let sec = r.section(path, Some(node), &["status", "body", "content_type"]);
-    let status = opt(r, &sec, "status", status).unwrap_or(StatusCode::OK);
+    let sec = r.section(path, Some(node));
+    let status = opt(r, &sec, "status", final_status).unwrap_or(StatusCode::OK);
     let body = opt(r, &sec, "body", string).unwrap_or_default();
     let content_type = opt(r, &sec, "content_type", |r, p, n| {
         let s = r.string(p, n)?;

@@ -10,61 +10,16 @@ use super::model::*;
 use super::raw::{Node, Reader, Section};
 use super::values::*;
 
-const ROOT_KEYS: &[&str] = &[
-    "server",
-    "upstream",
-    "store",
-    "idempotency",
-    "routes",
-    "record_api",
-];
-const SERVER_KEYS: &[&str] = &[
-    "listen",
-    "admin_listen",
-    "max_request_body",
-    "header_read_timeout",
-    "body_read_timeout",
-    "max_connections",
-    "shutdown_grace",
-    "tls",
-];
-const UPSTREAM_KEYS: &[&str] = &["url", "connect_timeout", "timeout", "ca_file"];
-const STORE_KEYS: &[&str] = &[
-    "backend",
-    "max_bytes",
-    "url",
-    "prefix",
-    "lock_lease",
-    "on_error",
-];
-pub(super) const POLICY_KEYS: &[&str] = &[
-    "key_header",
-    "required",
-    "min_key_length",
-    "max_key_length",
-    "ttl",
-    "store_statuses",
-    "concurrent",
-    "wait_timeout",
-    "fingerprint",
-    "body_fingerprint",
-    "scope_headers",
-    "mismatch_status",
-    "replayed_header",
-    "replay_drop_headers",
-    "max_stored_response",
-];
-const RECORD_API_KEYS: &[&str] = &["listen", "tokens", "ttl", "lease", "rate_limit"];
-
 pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<Config> {
-    let root = &r.root(doc, ROOT_KEYS);
+    let root = &r.root(doc);
     let server = server(r, root);
     let upstream = upstream(r, root);
     let store = store(r, root);
-    let idem = r.section("idempotency", root.get("idempotency"), POLICY_KEYS);
+    let idem = r.section("idempotency", root.get("idempotency"));
     let defaults = Arc::new(policy(r, &idem, &Policy::default()));
     let routes = super::routes::routes(r, root, &defaults);
     let record_api = record_api(r, root);
+    r.finish();
     if !r.errors.is_empty() {
         return None;
     }
@@ -78,32 +33,29 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
     })
 }
 
+const MS: Duration = Duration::from_millis(1);
+const HOUR: Duration = Duration::from_secs(3600);
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
 fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
-    let s = r.section("server", root.get("server"), SERVER_KEYS);
-    let tls_sec = r.section("server.tls", s.get("tls"), &["cert_file", "key_file"]);
-    let tls = if tls_sec.is_present() {
-        let cert = required(r, &tls_sec, "cert_file", string);
-        let key = required(r, &tls_sec, "key_file", string);
-        match (cert, key) {
-            (Some(c), Some(k)) => Some(Some(TlsFiles {
-                cert_file: PathBuf::from(c),
-                key_file: PathBuf::from(k),
-            })),
-            _ => None,
-        }
-    } else {
-        Some(None)
-    };
+    let s = r.section("server", root.get("server"));
+    let tls = tls(r, &s);
     let listen = opt(r, &s, "listen", socket_addr);
     let default_listen = ([127, 0, 0, 1], 8080).into();
     let config = ServerConfig {
         listen: listen.unwrap_or(default_listen),
         admin_listen: opt(r, &s, "admin_listen", socket_addr),
-        max_request_body: opt(r, &s, "max_request_body", size).unwrap_or(1 << 20),
-        header_read_timeout: dur(r, &s, "header_read_timeout", 10),
-        body_read_timeout: dur(r, &s, "body_read_timeout", 30),
-        max_connections: opt(r, &s, "max_connections", count).unwrap_or(10_000) as usize,
-        shutdown_grace: opt(r, &s, "shutdown_grace", duration).unwrap_or(Duration::from_secs(30)),
+        max_request_body: opt(r, &s, "max_request_body", size_in(1, GIB)).unwrap_or(MIB),
+        max_header_bytes: opt(r, &s, "max_header_bytes", size_in(KIB, MIB)).unwrap_or(64 * KIB)
+            as usize,
+        header_read_timeout: dur(r, &s, "header_read_timeout", (MS, HOUR), 10),
+        body_read_timeout: dur(r, &s, "body_read_timeout", (MS, HOUR), 30),
+        max_connections: opt(r, &s, "max_connections", count_in(1, 1_000_000)).unwrap_or(10_000)
+            as usize,
+        shutdown_grace: dur(r, &s, "shutdown_grace", (Duration::ZERO, HOUR), 30),
         tls: None,
     };
     Some(ServerConfig {
@@ -112,12 +64,39 @@ fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
     })
 }
 
-fn dur(r: &mut Reader, sec: &Section, key: &str, default_secs: u64) -> Duration {
-    opt(r, sec, key, positive_duration).unwrap_or(Duration::from_secs(default_secs))
+/// `[server.tls]`: the files are loaded here, so `check` fails on what `run` would.
+fn tls(r: &mut Reader, server: &Section) -> Option<Option<TlsFiles>> {
+    let sec = r.section("server.tls", server.get("tls"));
+    if !sec.is_present() {
+        return Some(None);
+    }
+    let cert = required(r, &sec, "cert_file", string);
+    let key = required(r, &sec, "key_file", string);
+    let files = TlsFiles {
+        cert_file: PathBuf::from(cert?),
+        key_file: PathBuf::from(key?),
+    };
+    if let Err(e) = crate::server::tls::acceptor(&files) {
+        let span = sec.span.clone();
+        r.error("server.tls", &span, e);
+        return None;
+    }
+    Some(Some(files))
+}
+
+/// A duration key within `range`, or `default_secs` when absent.
+fn dur(
+    r: &mut Reader,
+    sec: &Section,
+    key: &str,
+    range: (Duration, Duration),
+    default_secs: u64,
+) -> Duration {
+    opt(r, sec, key, duration_in(range.0, range.1)).unwrap_or(Duration::from_secs(default_secs))
 }
 
 fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
-    let s = r.section("upstream", root.get("upstream"), UPSTREAM_KEYS);
+    let s = r.section("upstream", root.get("upstream"));
     let url = if s.is_present() {
         required(r, &s, "url", upstream_url)
     } else {
@@ -129,9 +108,18 @@ fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
         );
         None
     };
-    let connect_timeout = dur(r, &s, "connect_timeout", 2);
-    let timeout = dur(r, &s, "timeout", 30);
-    let ca_file = opt(r, &s, "ca_file", string).map(PathBuf::from);
+    let connect_timeout = dur(r, &s, "connect_timeout", (MS, 300 * Duration::from_secs(1)), 2);
+    let timeout = dur(r, &s, "timeout", (MS, 24 * HOUR), 30);
+    let ca_file = opt(r, &s, "ca_file", |r, p, n| {
+        let path = PathBuf::from(r.string(p, n)?);
+        match crate::proxy::forward::load_roots(&path) {
+            Ok(_) => Some(path),
+            Err(e) => {
+                r.error(p, &n.span, e);
+                None
+            }
+        }
+    });
     Some(UpstreamConfig {
         url: url?,
         connect_timeout,
@@ -157,7 +145,7 @@ fn upstream_url(r: &mut Reader, path: &str, node: &Node) -> Option<Uri> {
 }
 
 fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
-    let s = r.section("store", root.get("store"), STORE_KEYS);
+    let s = r.section("store", root.get("store"));
     let backends = [("memory", Backend::Memory), ("redis", Backend::Redis)];
     let backend =
         opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
@@ -175,10 +163,10 @@ fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
     ];
     Some(StoreConfig {
         backend,
-        max_bytes: opt(r, &s, "max_bytes", size).unwrap_or(256 << 20),
+        max_bytes: opt(r, &s, "max_bytes", size_in(KIB, 1 << 40)).unwrap_or(256 * MIB),
         url,
         prefix: opt(r, &s, "prefix", string).unwrap_or_else(|| "idemgate:".into()),
-        lock_lease: dur(r, &s, "lock_lease", 30),
+        lock_lease: dur(r, &s, "lock_lease", (MS, HOUR), 30),
         on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error))
             .unwrap_or(OnStoreError::Reject),
     })
@@ -187,11 +175,11 @@ fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
 /// Reads every `[idempotency]` key present in `sec` on top of `base`.
 pub(super) fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
     let mut p = base.clone();
-    set(r, sec, "key_header", header_name, &mut p.key_header);
+    set(r, sec, "key_header", request_header, &mut p.key_header);
     set(r, sec, "required", boolean, &mut p.required);
     set(r, sec, "min_key_length", key_len, &mut p.min_key_length);
     set(r, sec, "max_key_length", key_len, &mut p.max_key_length);
-    set(r, sec, "ttl", positive_duration, &mut p.ttl);
+    set(r, sec, "ttl", duration_in(MS, YEAR), &mut p.ttl);
     set(r, sec, "store_statuses", status_set, &mut p.store_statuses);
     let concurrent = [("wait", Concurrent::Wait), ("reject", Concurrent::Reject)];
     set(
@@ -205,7 +193,7 @@ pub(super) fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
         r,
         sec,
         "wait_timeout",
-        positive_duration,
+        duration_in(MS, HOUR),
         &mut p.wait_timeout,
     );
     set(
@@ -238,7 +226,7 @@ pub(super) fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
         r,
         sec,
         "replayed_header",
-        header_name,
+        response_header,
         &mut p.replayed_header,
     );
     set(
@@ -252,7 +240,7 @@ pub(super) fn policy(r: &mut Reader, sec: &Section, base: &Policy) -> Policy {
         r,
         sec,
         "max_stored_response",
-        size,
+        size_in(0, GIB),
         &mut p.max_stored_response,
     );
     let set_here = sec
@@ -325,12 +313,12 @@ fn fingerprint_part(r: &mut Reader, path: &str, node: &Node) -> Option<Fingerpri
 
 fn record_api(r: &mut Reader, root: &Section) -> Option<RecordApiConfig> {
     let node = root.get("record_api")?;
-    let sec = r.section("record_api", Some(node), RECORD_API_KEYS);
+    let sec = r.section("record_api", Some(node));
     let listen = required(r, &sec, "listen", socket_addr);
     let tokens = required(r, &sec, "tokens", |r, p, n| list(r, p, n, token));
     let rate_limit = opt(r, &sec, "rate_limit", rate_limit);
-    let ttl = opt(r, &sec, "ttl", positive_duration).unwrap_or(Duration::from_secs(24 * 3600));
-    let lease = dur(r, &sec, "lease", 30);
+    let ttl = dur(r, &sec, "ttl", (MS, YEAR), 24 * 3600);
+    let lease = dur(r, &sec, "lease", (MS, HOUR), 30);
     if let (Some(t), Some(node)) = (&tokens, sec.get("tokens")) {
         if t.is_empty() {
             r.error(
@@ -382,7 +370,7 @@ fn token(r: &mut Reader, path: &str, node: &Node) -> Option<String> {
 fn rate_limit(r: &mut Reader, path: &str, node: &Node) -> Option<RateLimit> {
     let s = r.string(path, node)?;
     let parsed = s.split_once('/').and_then(|(n, unit)| {
-        let count: u32 = n.trim().parse().ok().filter(|n| *n > 0)?;
+        let count: u32 = n.trim().parse().ok().filter(|n| (1..=1_000_000).contains(n))?;
         let per = match unit.trim() {
             "s" => Duration::from_secs(1),
             "m" => Duration::from_secs(60),
@@ -395,7 +383,7 @@ fn rate_limit(r: &mut Reader, path: &str, node: &Node) -> Option<RateLimit> {
         r.error(
             path,
             &node.span,
-            format!("invalid rate {s:?}; use \"N/s\", \"N/m\" or \"N/h\""),
+            format!("invalid rate {s:?}; use \"N/s\", \"N/m\" or \"N/h\" with N from 1 to 1000000"),
         );
         None
     })

@@ -59,14 +59,21 @@ pub fn duration(r: &mut Reader, path: &str, node: &Node) -> Option<Duration> {
     }
 }
 
-/// A duration that must be above zero.
-pub fn positive_duration(r: &mut Reader, path: &str, node: &Node) -> Option<Duration> {
-    let d = duration(r, path, node)?;
-    if d.is_zero() {
-        r.error(path, &node.span, "must be greater than zero");
-        return None;
+/// A duration within `min..=max`; the message names the range, so a value like
+/// `"300000000000y"` is refused by `check` instead of overflowing a clock at run time.
+pub fn duration_in(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&mut Reader, &str, &Node) -> Option<Duration> {
+    move |r, path, node| {
+        let d = duration(r, path, node)?;
+        if d < min || d > max {
+            let (lo, hi) = (humantime::format_duration(min), humantime::format_duration(max));
+            r.error(path, &node.span, format!("must be between {lo} and {hi}"));
+            return None;
+        }
+        Some(d)
     }
-    Some(d)
 }
 
 pub fn parse_size(s: &str) -> Option<u64> {
@@ -105,6 +112,44 @@ pub fn size(r: &mut Reader, path: &str, node: &Node) -> Option<u64> {
     })
 }
 
+/// A size within `min..=max` bytes.
+pub fn size_in(min: u64, max: u64) -> impl Fn(&mut Reader, &str, &Node) -> Option<u64> {
+    move |r, path, node| {
+        let n = size(r, path, node)?;
+        if n < min || n > max {
+            let msg = format!("must be between {} and {}", show_size(min), show_size(max));
+            r.error(path, &node.span, msg);
+            return None;
+        }
+        Some(n)
+    }
+}
+
+fn show_size(n: u64) -> String {
+    match n {
+        0 => "0 bytes".into(),
+        n if n % (1 << 40) == 0 => format!("{}TiB", n >> 40),
+        n if n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
+        n if n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// A whole number within `min..=max`.
+pub fn count_in(min: u64, max: u64) -> impl Fn(&mut Reader, &str, &Node) -> Option<u64> {
+    move |r, path, node| {
+        let n = r.integer(path, node)?;
+        match u64::try_from(n) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                r.error(path, &node.span, format!("must be between {min} and {max}"));
+                None
+            }
+        }
+    }
+}
+
 pub fn count(r: &mut Reader, path: &str, node: &Node) -> Option<u64> {
     let n = r.integer(path, node)?;
     match u64::try_from(n) {
@@ -131,6 +176,50 @@ pub fn header_name(r: &mut Reader, path: &str, node: &Node) -> Option<HeaderName
         r.error(path, &node.span, format!("invalid header name {s:?}"));
         None
     })
+}
+
+/// Headers the proxy drops or rewrites on every hop, or that frame the message: a key,
+/// scope or replay marker in one of them could never work as configured.
+const PROXY_OWNED: [&str; 13] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+    "date",
+    "http2-settings",
+];
+
+fn owned_by_proxy(r: &mut Reader, path: &str, node: &Node, name: HeaderName) -> Option<HeaderName> {
+    if PROXY_OWNED.contains(&name.as_str()) {
+        let msg = format!("{name} is a hop-by-hop or framing header the proxy manages itself; use another header");
+        r.error(path, &node.span, msg);
+        return None;
+    }
+    Some(name)
+}
+
+/// A request header idemgate reads (a key source).
+pub fn request_header(r: &mut Reader, path: &str, node: &Node) -> Option<HeaderName> {
+    let name = header_name(r, path, node)?;
+    owned_by_proxy(r, path, node, name)
+}
+
+/// A header idemgate adds to responses (the replay marker).
+pub fn response_header(r: &mut Reader, path: &str, node: &Node) -> Option<HeaderName> {
+    let name = header_name(r, path, node)?;
+    if ["content-type", "set-cookie", "retry-after"].contains(&name.as_str()) {
+        let msg = format!("{name} carries the response's own meaning; use another header");
+        r.error(path, &node.span, msg);
+        return None;
+    }
+    owned_by_proxy(r, path, node, name)
 }
 
 pub fn list<T>(
@@ -168,6 +257,16 @@ pub fn status(r: &mut Reader, path: &str, node: &Node) -> Option<StatusCode> {
             None
         }
     }
+}
+
+/// A status a response can end with (200-599): no 1xx as a final answer.
+pub fn final_status(r: &mut Reader, path: &str, node: &Node) -> Option<StatusCode> {
+    let s = status(r, path, node)?;
+    if s.is_informational() {
+        r.error(path, &node.span, "must be a final status (200-599)");
+        return None;
+    }
+    Some(s)
 }
 
 pub fn status_set(r: &mut Reader, path: &str, node: &Node) -> Option<StatusSet> {

@@ -10,6 +10,8 @@ use hyper::body::Incoming;
 
 use crate::error::ProxyError;
 
+const INITIAL_CAPACITY: u64 = 64 * 1024;
+
 pub async fn read(
     body: Incoming,
     headers: &HeaderMap,
@@ -25,7 +27,10 @@ pub async fn read(
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let mut body = body;
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    // The declared length is the client's word: it may size the first allocation, never
+    // more than a small start (a lying `Content-Length: 500000000000` costs nothing).
+    let start = declared.unwrap_or(0).min(INITIAL_CAPACITY) as usize;
+    let mut buf = BytesMut::with_capacity(start);
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(ProxyError::BodyTimeout),

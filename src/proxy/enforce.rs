@@ -38,17 +38,11 @@ pub async fn handle(
     conn: ConnInfo,
 ) -> Handled {
     let policy = &route.policy;
+    let missing = || refuse(ProxyError::KeyMissing { source: route.key.location() }, None);
     let header_key = match &route.key {
         KeySource::Header(name) => match key::from_header(req.headers(), name, policy) {
             Ok(None) if !policy.required => return proxy.passthrough(req, conn).await,
-            Ok(None) => {
-                return refuse(
-                    ProxyError::KeyMissing {
-                        header: name.to_string(),
-                    },
-                    None,
-                )
-            }
+            Ok(None) => return missing(),
             Ok(found) => found,
             Err(e) => return refuse(e, None),
         },
@@ -56,14 +50,8 @@ pub async fn handle(
     };
     let (mut parts, body) = req.into_parts();
     let server = &config.server;
-    let body = match buffer::read(
-        body,
-        &parts.headers,
-        server.max_request_body,
-        server.body_read_timeout,
-    )
-    .await
-    {
+    let limits = (server.max_request_body, server.body_read_timeout);
+    let body = match buffer::read(body, &parts.headers, limits.0, limits.1).await {
         Ok(b) => b,
         Err(e) => return refuse(e, None),
     };
@@ -74,24 +62,10 @@ pub async fn handle(
             Ok(None) if !policy.required => {
                 return proxy.forward_unrecorded(parts, body, conn).await
             }
-            Ok(None) => {
-                return refuse(
-                    ProxyError::KeyMissing {
-                        header: format!("body member {pointer}"),
-                    },
-                    None,
-                )
-            }
+            Ok(None) => return missing(),
             Err(e) => return refuse(e, None),
         },
-        (None, KeySource::Header(_)) => {
-            return refuse(
-                ProxyError::KeyMissing {
-                    header: "key".into(),
-                },
-                None,
-            )
-        }
+        (None, KeySource::Header(_)) => return missing(),
     };
     let id = fingerprint::record_id(policy, &parts.headers, &key);
     let fp = fingerprint::fingerprint(policy, &parts, &body);

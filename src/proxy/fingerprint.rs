@@ -52,7 +52,7 @@ pub fn fingerprint(policy: &Policy, parts: &request::Parts, body: &Bytes) -> Fin
 }
 
 /// Key order and whitespace ignored. A body that is not JSON is hashed as raw bytes.
-fn canonical_json(body: &Bytes) -> Vec<u8> {
+pub fn canonical_json(body: &Bytes) -> Vec<u8> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v) => {
             let mut out = Vec::with_capacity(body.len());

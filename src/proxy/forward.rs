@@ -98,19 +98,32 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+/// The webpki roots plus every certificate in `ca_file`; also run by `check`.
+pub fn load_roots(ca_file: &std::path::Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = &config.ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-            roots
-                .add(cert)
-                .map_err(|e| format!("upstream.ca_file {}: {e}", path.display()))?;
-        }
+    let fail = |e: &dyn std::fmt::Display| format!("{}: {e}", ca_file.display());
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| fail(&e))?;
+    let mut added = 0;
+    for cert in certs {
+        roots.add(cert.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+        added += 1;
     }
+    if added == 0 {
+        return Err(fail(&"no certificate found"));
+    }
+    Ok(roots)
+}
+
+fn tls_config(config: &UpstreamConfig) -> Result<rustls::ClientConfig, String> {
+    let roots = match &config.ca_file {
+        Some(path) => load_roots(path).map_err(|e| format!("upstream.ca_file {e}"))?,
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            roots
+        }
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     // ALPN (h2, http/1.1) is set by the connector builder.
     let tls = rustls::ClientConfig::builder_with_provider(provider)

@@ -32,20 +32,32 @@ pub fn from_header(
     validate(key, policy).map(Some)
 }
 
+/// serde_json's own nesting limit; a body deeper than this cannot be searched.
+const MAX_JSON_DEPTH: usize = 128;
+
 /// The key at `pointer` in a JSON body; `Ok(None)` when the body is not JSON or has no
-/// such member. Strings are taken as they are, numbers by their JSON text.
+/// such member. Strings are taken as they are, numbers by their exact text as sent
+/// (`18446744073709551617` and `1e400` stay themselves; no float round trip). A body
+/// nested too deep to parse is refused rather than taken as keyless, so an optional
+/// route cannot be made to run a duplicate by padding the body.
 pub fn from_json(
     body: &Bytes,
     pointer: &str,
     policy: &Policy,
 ) -> Result<Option<String>, ProxyError> {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Ok(None);
+    let doc = match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(doc) => doc,
+        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
+            return Err(ProxyError::KeyInvalid(format!(
+                "the JSON body is nested deeper than {MAX_JSON_DEPTH} levels, so the key at {pointer} cannot be read"
+            )))
+        }
+        Err(_) => return Ok(None),
     };
     let key = match doc.pointer(pointer) {
         None | Some(serde_json::Value::Null) => return Ok(None),
         Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Number(n)) => n.to_string(),
+        Some(serde_json::Value::Number(n)) => n.as_str().to_string(),
         Some(_) => {
             return Err(ProxyError::KeyInvalid(format!(
                 "the body member at {pointer} must be a string or a number"
@@ -124,5 +136,28 @@ mod tests {
         assert!(key("\"abc").is_err());
         assert!(key("a b").is_err());
         assert!(key(&"k".repeat(256)).is_err());
+    }
+
+    fn json_key(body: &str) -> Result<Option<String>, ProxyError> {
+        from_json(&Bytes::from(body.to_string()), "/id", &Policy::default())
+    }
+
+    #[test]
+    fn json_numbers_keep_their_exact_text() {
+        let a = json_key(r#"{"id":18446744073709551616}"#).unwrap(); // ok: test
+        let b = json_key(r#"{"id":18446744073709551617}"#).unwrap(); // ok: test
+        assert_eq!(a.as_deref(), Some("18446744073709551616"));
+        assert_eq!(b.as_deref(), Some("18446744073709551617"));
+        assert_eq!(json_key(r#"{"id":1e400}"#).unwrap().as_deref(), Some("1e400")); // ok: test
+        assert_eq!(json_key(r#"{"id":1.50}"#).unwrap().as_deref(), Some("1.50")); // ok: test
+    }
+
+    #[test]
+    fn json_too_deep_is_refused_not_absent() {
+        let deep = format!(r#"{{"id":"evt_1","x":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        let err = json_key(&deep).unwrap_err(); // ok: test
+        assert!(err.to_string().contains("nested deeper than 128"), "{err}");
+        assert_eq!(json_key("not json").unwrap(), None); // ok: test
+        assert_eq!(json_key(r#"{"other":1}"#).unwrap(), None); // ok: test
     }
 }

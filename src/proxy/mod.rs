@@ -94,8 +94,18 @@ impl Proxy {
     ) -> (Response<Body>, Report) {
         let (mut parts, incoming) = req.into_parts();
         headers::to_upstream(&mut parts, &conn, &self.inner.upstream.base);
-        self.send_prepared(Request::from_parts(parts, body::stream(incoming)))
-            .await
+        let (incoming, client_failed) = body::ClientBody::new(incoming);
+        let (response, mut report) = self
+            .send_prepared(Request::from_parts(parts, body::stream(incoming)))
+            .await;
+        let upstream_failed = report.outcome == Some(Outcome::UpstreamError);
+        if upstream_failed && client_failed.load(std::sync::atomic::Ordering::Acquire) {
+            // The upload broke, not the upstream: the client's request was malformed.
+            let e = ProxyError::BadRequest("the request body is malformed".into());
+            report.outcome = Some(Outcome::BadRequest);
+            return (e.into_response(), report);
+        }
+        (response, report)
     }
 
     /// An enforced route's request that turned out to carry no key: forwarded as is.

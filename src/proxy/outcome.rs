@@ -63,7 +63,9 @@ impl Outcome {
             ProxyError::KeyInvalid(_) => Outcome::KeyInvalid,
             ProxyError::BodyTooLarge { .. } => Outcome::TooLarge,
             ProxyError::BodyTimeout => Outcome::BodyTimeout,
-            ProxyError::BadRequest(_) => Outcome::BadRequest,
+            ProxyError::BadRequest(_) | ProxyError::HeadersTooLarge | ProxyError::UriTooLong => {
+                Outcome::BadRequest
+            }
             ProxyError::NotRetained => Outcome::Replayed,
             ProxyError::Mismatch { .. } => Outcome::Mismatch,
             ProxyError::InProgress { .. } => Outcome::Conflict,

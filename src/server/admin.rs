@@ -16,11 +16,19 @@ use crate::body::{full, Body};
 pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub connections: Option<Arc<super::Connections>>,
 }
 
 impl AdminState {
-    fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Acquire)
+    /// `None` when ready, else why not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.draining.load(Ordering::Acquire) {
+            return Some("draining\n");
+        }
+        if self.connections.as_ref().is_some_and(|c| c.saturated()) {
+            return Some("saturated: server.max_connections reached\n");
+        }
+        None
     }
 }
 
@@ -38,8 +46,10 @@ fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Body> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if state.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        "/readyz" => match state.not_ready() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+        },
         "/metrics" => match &state.metrics {
             Some(m) => {
                 let mut resp = Response::new(full(m.render()));
