@@ -2,7 +2,6 @@
 //! line, and so that one pass reports every error of a file instead of the first.
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
 use std::ops::Range;
 use std::rc::Rc;
 
@@ -40,7 +39,7 @@ pub struct Reader<'s> {
 struct Opened {
     path: String,
     keys: Vec<(String, Range<usize>)>,
-    asked: Rc<RefCell<BTreeSet<String>>>,
+    asked: Rc<RefCell<Vec<String>>>,
 }
 
 /// A value in the document with where it came from.
@@ -55,7 +54,7 @@ pub struct Section<'a, 'i> {
     pub path: String,
     pub span: Range<usize>,
     table: Option<&'a DeTable<'i>>,
-    asked: Rc<RefCell<BTreeSet<String>>>,
+    asked: Rc<RefCell<Vec<String>>>,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -120,7 +119,7 @@ impl<'s> Reader<'s> {
         span: Range<usize>,
         table: Option<&'a DeTable<'i>>,
     ) -> Section<'a, 'i> {
-        let asked = Rc::new(RefCell::new(BTreeSet::new()));
+        let asked = Rc::new(RefCell::new(Vec::new()));
         if let Some(t) = table {
             let keys = t
                 .iter()
@@ -214,7 +213,11 @@ fn node_of<'a, 'i>(v: &'a Spanned<DeValue<'i>>) -> Node<'a, 'i> {
 
 impl<'a, 'i> Section<'a, 'i> {
     pub fn get(&self, key: &str) -> Option<Node<'a, 'i>> {
-        self.asked.borrow_mut().insert(key.to_string());
+        let mut asked = self.asked.borrow_mut();
+        if !asked.iter().any(|k| k == key) {
+            asked.push(key.to_string());
+        }
+        drop(asked);
         self.table?
             .iter()
             .find(|(k, _)| k.get_ref().as_ref() == key)

@@ -35,7 +35,8 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
 
 const MS: Duration = Duration::from_millis(1);
 const HOUR: Duration = Duration::from_secs(3600);
-const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+/// humantime's year (365.25 days), so the range prints as "1year".
+const YEAR: Duration = Duration::from_secs(31_557_600);
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -77,8 +78,10 @@ fn tls(r: &mut Reader, server: &Section) -> Option<Option<TlsFiles>> {
         key_file: PathBuf::from(key?),
     };
     if let Err(e) = crate::server::tls::acceptor(&files) {
-        let span = sec.span.clone();
-        r.error("server.tls", &span, e);
+        // The loader's message already names the key and the file.
+        let key = if e.contains("key_file") { "key_file" } else { "cert_file" };
+        let span = sec.get(key).map_or(sec.span.clone(), |n| n.span);
+        r.error("", &span, e);
         return None;
     }
     Some(Some(files))

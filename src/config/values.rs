@@ -132,7 +132,7 @@ fn show_size(n: u64) -> String {
         n if n % (1 << 30) == 0 => format!("{}GiB", n >> 30),
         n if n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
         n if n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
-        n => format!("{n} bytes"),
+        n => format!("{n} byte{}", if n == 1 { "" } else { "s" }),
     }
 }
 

@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
+use serde_json::value::RawValue;
 
 use crate::config::Policy;
 use crate::error::ProxyError;
@@ -32,39 +33,102 @@ pub fn from_header(
     validate(key, policy).map(Some)
 }
 
-/// serde_json's own nesting limit; a body deeper than this cannot be searched.
-const MAX_JSON_DEPTH: usize = 128;
-
 /// The key at `pointer` in a JSON body; `Ok(None)` when the body is not JSON or has no
 /// such member. Strings are taken as they are, numbers by their exact text as sent
-/// (`18446744073709551617` and `1e400` stay themselves; no float round trip). A body
-/// nested too deep to parse is refused rather than taken as keyless, so an optional
-/// route cannot be made to run a duplicate by padding the body.
+/// (`18446744073709551617` and `1e400` stay themselves; no float round trip). Only the
+/// members on the pointer's path are decoded, each level as raw text, so no nesting
+/// elsewhere in the body can hide the key; a member named twice on the path is refused,
+/// since the upstream might read the other one.
 pub fn from_json(
     body: &Bytes,
     pointer: &str,
     policy: &Policy,
 ) -> Result<Option<String>, ProxyError> {
-    let doc = match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(doc) => doc,
-        Err(e) if e.to_string().starts_with("recursion limit exceeded") => {
-            return Err(ProxyError::KeyInvalid(format!(
-                "the JSON body is nested deeper than {MAX_JSON_DEPTH} levels, so the key at {pointer} cannot be read"
-            )))
-        }
-        Err(_) => return Ok(None),
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Ok(None);
     };
-    let key = match doc.pointer(pointer) {
-        None | Some(serde_json::Value::Null) => return Ok(None),
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Number(n)) => n.as_str().to_string(),
-        Some(_) => {
-            return Err(ProxyError::KeyInvalid(format!(
-                "the body member at {pointer} must be a string or a number"
-            )))
+    let Ok(mut raw) = serde_json::from_str::<&RawValue>(text) else {
+        return Ok(None);
+    };
+    for token in pointer.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        match member(raw, &token)? {
+            Some(next) => raw = next,
+            None => return Ok(None),
         }
+    }
+    let key = match raw.get().as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(raw.get()).map_err(|_| not_scalar(pointer))?,
+        Some(b'-' | b'0'..=b'9') => raw.get().to_string(),
+        Some(b'n') => return Ok(None),
+        _ => return Err(not_scalar(pointer)),
     };
     validate(key, policy).map(Some)
+}
+
+fn not_scalar(pointer: &str) -> ProxyError {
+    ProxyError::KeyInvalid(format!(
+        "the body member at {pointer} must be a string or a number"
+    ))
+}
+
+/// One step of a JSON pointer: an object member or an array index, as raw JSON.
+fn member<'a>(raw: &'a RawValue, token: &str) -> Result<Option<&'a RawValue>, ProxyError> {
+    match raw.get().as_bytes().first() {
+        Some(b'{') => {
+            let mut seen = None;
+            let pick = Pick { name: token, found: &mut seen };
+            let mut de = serde_json::Deserializer::from_str(raw.get());
+            match serde::de::DeserializeSeed::deserialize(pick, &mut de) {
+                Ok(()) => Ok(seen),
+                Err(e) if e.to_string().starts_with("duplicate member") => Err(
+                    ProxyError::KeyInvalid(format!("the JSON body names the member {token:?} more than once")),
+                ),
+                Err(_) => Ok(None),
+            }
+        }
+        Some(b'[') => {
+            let valid_index = token == "0" || !token.starts_with('0');
+            let Some(i) = token.parse::<usize>().ok().filter(|_| valid_index) else {
+                return Ok(None);
+            };
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).unwrap_or_default();
+            Ok(items.get(i).copied())
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Walks an object's members as raw text, keeping the one named `name`.
+struct Pick<'n, 'f, 'a> {
+    name: &'n str,
+    found: &'f mut Option<&'a RawValue>,
+}
+
+impl<'de, 'n, 'f> serde::de::DeserializeSeed<'de> for Pick<'n, 'f, 'de> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, 'n, 'f> serde::de::Visitor<'de> for Pick<'n, 'f, 'de> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<M: serde::de::MapAccess<'de>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(name) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            if name == self.name {
+                if self.found.is_some() {
+                    return Err(serde::de::Error::custom("duplicate member"));
+                }
+                *self.found = Some(value);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// RFC 8941 sf-string: `"` chars `"` with `\"` and `\\` escapes. Bare tokens pass as-is.
@@ -153,11 +217,19 @@ mod tests {
     }
 
     #[test]
-    fn json_too_deep_is_refused_not_absent() {
-        let deep = format!(r#"{{"id":"evt_1","x":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
-        let err = json_key(&deep).unwrap_err(); // ok: test
-        assert!(err.to_string().contains("nested deeper than 128"), "{err}");
+    fn deep_nesting_beside_the_key_cannot_hide_it() {
+        let deep = format!(r#"{{"x":{}1{},"id":"evt_1"}}"#, "[".repeat(5000), "]".repeat(5000));
+        assert_eq!(json_key(&deep).unwrap().as_deref(), Some("evt_1")); // ok: test
         assert_eq!(json_key("not json").unwrap(), None); // ok: test
         assert_eq!(json_key(r#"{"other":1}"#).unwrap(), None); // ok: test
+        assert_eq!(json_key(r#"{"id":null}"#).unwrap(), None); // ok: test
+        assert!(json_key(r#"{"id":"a","id":"b"}"#).is_err());
+        assert!(json_key(r#"{"id":{"a":1}}"#).is_err());
+        let nested = from_json(
+            &Bytes::from_static(br#"{"data":[{"a/b":{"id":"k1"}}]}"#),
+            "/data/0/a~1b/id",
+            &Policy::default(),
+        );
+        assert_eq!(nested.unwrap().as_deref(), Some("k1")); // ok: test
     }
 }
