@@ -96,14 +96,10 @@ async fn every_outcome_is_counted_once() {
     assert_eq!(gate.entered().await, 4);
     let waiter = spawn_post(&c, &orders, &[("idempotency-key", "co")], "x");
     // Open the gate only once the duplicate is parked behind the first.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while sample(&scrape(admin).await, "idemgate_waiting{route=\"orders\"}") != Some(1.0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the duplicate never waited"
-        );
-        tokio::task::yield_now().await;
-    }
+    eventually!(
+        sample(&scrape(admin).await, "idemgate_waiting{route=\"orders\"}") == Some(1.0),
+        "the duplicate never waited"
+    );
     gate.open();
     first.await.unwrap();
     held.await.unwrap();

@@ -168,15 +168,10 @@ async fn request_in_flight_at_shutdown_gets_its_full_response() {
     // While draining, readiness reports 503 and new connections are refused.
     let admin_client = Client::new();
     let readyz = format!("http://{admin}/readyz");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let mut poll = tokio::time::interval(Duration::from_millis(5));
-    while admin_client.get(&readyz).await.status != StatusCode::SERVICE_UNAVAILABLE {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "readyz never reported draining"
-        );
-        poll.tick().await;
-    }
+    eventually!(
+        admin_client.get(&readyz).await.status == StatusCode::SERVICE_UNAVAILABLE,
+        "readyz never reported draining"
+    );
     gate.open();
     let got = in_flight.await.unwrap();
     assert_eq!(got.status, StatusCode::CREATED);

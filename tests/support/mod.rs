@@ -33,11 +33,42 @@ pub struct Seen {
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 type Handler = Arc<dyn Fn(Request<Incoming>, usize) -> BoxFut + Send + Sync>;
 
-/// An HTTP/1.1 + h2c server on 127.0.0.1:0 that counts the requests it receives.
+pub mod relay;
+
+/// Polls `$cond` until it holds, failing the test with `$($msg)+` after 10 s. For state
+/// that has no signal to wait on (a metric, a process's memory); never a fixed sleep.
+#[macro_export]
+macro_rules! eventually {
+    ($cond:expr, $($msg:tt)+) => {{
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(5));
+        loop {
+            if $cond {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, $($msg)+);
+            tick.tick().await;
+        }
+    }};
+}
+
+/// An HTTP/1.1 + h2c server on 127.0.0.1:0 that counts the requests it receives. A
+/// handler that panics fails the test (when the upstream is dropped) instead of passing
+/// unnoticed as a 502 the test might even expect.
 pub struct FakeUpstream {
     pub addr: SocketAddr,
     calls: Arc<AtomicUsize>,
+    panics: Arc<std::sync::Mutex<Vec<String>>>,
     _stop: oneshot::Sender<()>,
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        let panics = self.panics.lock().map(|p| p.clone()).unwrap_or_default();
+        if !panics.is_empty() && !std::thread::panicking() {
+            panic!("the fake upstream's handler panicked: {panics:?}");
+        }
+    }
 }
 
 impl FakeUpstream {
@@ -51,8 +82,9 @@ impl FakeUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
+        let panics = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
-        let counter = calls.clone();
+        let (counter, seen_panics) = (calls.clone(), panics.clone());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = tokio::select! {
@@ -61,11 +93,23 @@ impl FakeUpstream {
                 };
                 let handler = handler.clone();
                 let counter = counter.clone();
+                let seen_panics = seen_panics.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                        let fut = handler(req, n);
-                        async move { Ok::<_, Infallible>(fut.await) }
+                        let task = tokio::spawn(handler(req, n));
+                        let seen_panics = seen_panics.clone();
+                        async move {
+                            match task.await {
+                                Ok(resp) => Ok::<_, Infallible>(resp),
+                                Err(e) => {
+                                    seen_panics.lock().unwrap().push(format!("call {n}: {e}"));
+                                    let mut resp = Response::new(full("handler panicked"));
+                                    *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                                    Ok(resp)
+                                }
+                            }
+                        }
                     });
                     let _ = auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -76,6 +120,7 @@ impl FakeUpstream {
         FakeUpstream {
             addr,
             calls,
+            panics,
             _stop: stop_tx,
         }
     }
