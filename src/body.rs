@@ -92,7 +92,8 @@ where
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, std::sync::atomic::Ordering::Release);
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         polled
     }

@@ -11,21 +11,31 @@ use crate::body::{full, Body};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProxyError {
     /// `source` says where the key was looked for: "the Idempotency-Key header".
-    KeyMissing { source: String },
+    KeyMissing {
+        source: String,
+    },
     KeyInvalid(String),
-    BodyTooLarge { limit: u64 },
+    BodyTooLarge {
+        limit: u64,
+    },
     BodyTimeout,
     BadRequest(String),
     HeadersTooLarge,
     UriTooLong,
     NotRetained,
-    Mismatch { status: StatusCode },
-    InProgress { retry_after: Duration },
+    Mismatch {
+        status: StatusCode,
+    },
+    InProgress {
+        retry_after: Duration,
+    },
     UpstreamUnavailable(String),
     UpstreamTimeout,
     StoreUnavailable,
     Unauthorized,
-    RateLimited { retry_after: Duration },
+    RateLimited {
+        retry_after: Duration,
+    },
     LockNotHeld,
 }
 

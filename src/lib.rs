@@ -136,7 +136,11 @@ pub async fn run_with_reloads(
         connections: Some(connections.clone()),
     };
     if let Some(admin) = listeners.admin {
-        side.spawn(server::admin::serve(admin, admin_state.clone(), side_stop.clone()));
+        side.spawn(server::admin::serve(
+            admin,
+            admin_state.clone(),
+            side_stop.clone(),
+        ));
     }
     let serving = tokio::spawn(server::serve(
         listeners.proxy,

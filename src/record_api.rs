@@ -75,7 +75,11 @@ fn random_token() -> Result<String, ProxyError> {
 }
 
 impl RecordApi {
-    pub fn new(config: RecordApiConfig, store: Arc<dyn Store>, stop: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        config: RecordApiConfig,
+        store: Arc<dyn Store>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(RecordApi {
             config,
             store,

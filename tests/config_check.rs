@@ -277,7 +277,10 @@ fn full_fixture_resolves_every_key() {
     let Some(tls) = &config.server.tls else {
         panic!("full.toml: server.tls missing");
     };
-    assert_eq!(tls.cert_file, Path::new("tests/fixtures/config/tls/tls.crt"));
+    assert_eq!(
+        tls.cert_file,
+        Path::new("tests/fixtures/config/tls/tls.crt")
+    );
     assert_eq!(config.store.backend, idemgate::config::Backend::Redis);
     assert_eq!(
         config.store.url.as_deref(),

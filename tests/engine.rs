@@ -347,7 +347,7 @@ async fn a_record_expires_after_its_ttl() {
     c.post(&url, &[(KEY, "t")], "x").await;
     let replay = c.post(&url, &[(KEY, "t")], "x").await;
     assert_eq!(replay.header("idempotent-replayed"), Some("true"));
-    let mut fresh = None;
+    let mut fresh;
     eventually!(
         {
             let got = c.post(&url, &[(KEY, "t")], "x").await;

@@ -137,7 +137,7 @@ async fn an_expired_lease_frees_the_lock_and_renewal_keeps_it() {
     let (_, renewed) = call(&c, api, "POST", Some(TOKEN), renew).await;
     assert_eq!(renewed["locked"], true);
     // Poll with a deadline until the lease passes and another worker may lock.
-    let mut next = serde_json::Value::Null;
+    let mut next;
     eventually!(
         {
             next = call(&c, api, "POST", Some(TOKEN), doc.clone()).await.1;

@@ -79,7 +79,11 @@ fn tls(r: &mut Reader, server: &Section) -> Option<Option<TlsFiles>> {
     };
     if let Err(e) = crate::server::tls::acceptor(&files) {
         // The loader's message already names the key and the file.
-        let key = if e.contains("key_file") { "key_file" } else { "cert_file" };
+        let key = if e.contains("key_file") {
+            "key_file"
+        } else {
+            "cert_file"
+        };
         let span = sec.get(key).map_or(sec.span.clone(), |n| n.span);
         r.error("", &span, e);
         return None;
@@ -111,7 +115,13 @@ fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
         );
         None
     };
-    let connect_timeout = dur(r, &s, "connect_timeout", (MS, 300 * Duration::from_secs(1)), 2);
+    let connect_timeout = dur(
+        r,
+        &s,
+        "connect_timeout",
+        (MS, 300 * Duration::from_secs(1)),
+        2,
+    );
     let timeout = dur(r, &s, "timeout", (MS, 24 * HOUR), 30);
     let ca_file = opt(r, &s, "ca_file", |r, p, n| {
         let path = PathBuf::from(r.string(p, n)?);
@@ -373,7 +383,11 @@ fn token(r: &mut Reader, path: &str, node: &Node) -> Option<String> {
 fn rate_limit(r: &mut Reader, path: &str, node: &Node) -> Option<RateLimit> {
     let s = r.string(path, node)?;
     let parsed = s.split_once('/').and_then(|(n, unit)| {
-        let count: u32 = n.trim().parse().ok().filter(|n| (1..=1_000_000).contains(n))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=1_000_000).contains(n))?;
         let per = match unit.trim() {
             "s" => Duration::from_secs(1),
             "m" => Duration::from_secs(60),

@@ -68,7 +68,10 @@ pub fn duration_in(
     move |r, path, node| {
         let d = duration(r, path, node)?;
         if d < min || d > max {
-            let (lo, hi) = (humantime::format_duration(min), humantime::format_duration(max));
+            let (lo, hi) = (
+                humantime::format_duration(min),
+                humantime::format_duration(max),
+            );
             r.error(path, &node.span, format!("must be between {lo} and {hi}"));
             return None;
         }
@@ -198,7 +201,9 @@ const PROXY_OWNED: [&str; 13] = [
 
 fn owned_by_proxy(r: &mut Reader, path: &str, node: &Node, name: HeaderName) -> Option<HeaderName> {
     if PROXY_OWNED.contains(&name.as_str()) {
-        let msg = format!("{name} is a hop-by-hop or framing header the proxy manages itself; use another header");
+        let msg = format!(
+            "{name} is a hop-by-hop or framing header the proxy manages itself; use another header"
+        );
         r.error(path, &node.span, msg);
         return None;
     }

@@ -38,7 +38,14 @@ pub async fn handle(
     conn: ConnInfo,
 ) -> Handled {
     let policy = &route.policy;
-    let missing = || refuse(ProxyError::KeyMissing { source: route.key.location() }, None);
+    let missing = || {
+        refuse(
+            ProxyError::KeyMissing {
+                source: route.key.location(),
+            },
+            None,
+        )
+    };
     let header_key = match &route.key {
         KeySource::Header(name) => match key::from_header(req.headers(), name, policy) {
             Ok(None) if !policy.required => return proxy.passthrough(req, conn).await,

@@ -106,7 +106,9 @@ pub fn load_roots(ca_file: &std::path::Path) -> Result<rustls::RootCertStore, St
     let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| fail(&e))?;
     let mut added = 0;
     for cert in certs {
-        roots.add(cert.map_err(|e| fail(&e))?).map_err(|e| fail(&e))?;
+        roots
+            .add(cert.map_err(|e| fail(&e))?)
+            .map_err(|e| fail(&e))?;
         added += 1;
     }
     if added == 0 {

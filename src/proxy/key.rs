@@ -77,13 +77,18 @@ fn member<'a>(raw: &'a RawValue, token: &str) -> Result<Option<&'a RawValue>, Pr
     match raw.get().as_bytes().first() {
         Some(b'{') => {
             let mut seen = None;
-            let pick = Pick { name: token, found: &mut seen };
+            let pick = Pick {
+                name: token,
+                found: &mut seen,
+            };
             let mut de = serde_json::Deserializer::from_str(raw.get());
             match serde::de::DeserializeSeed::deserialize(pick, &mut de) {
                 Ok(()) => Ok(seen),
-                Err(e) if e.to_string().starts_with("duplicate member") => Err(
-                    ProxyError::KeyInvalid(format!("the JSON body names the member {token:?} more than once")),
-                ),
+                Err(e) if e.to_string().starts_with("duplicate member") => {
+                    Err(ProxyError::KeyInvalid(format!(
+                        "the JSON body names the member {token:?} more than once"
+                    )))
+                }
                 Err(_) => Ok(None),
             }
         }
@@ -212,13 +217,21 @@ mod tests {
         let b = json_key(r#"{"id":18446744073709551617}"#).unwrap(); // ok: test
         assert_eq!(a.as_deref(), Some("18446744073709551616"));
         assert_eq!(b.as_deref(), Some("18446744073709551617"));
-        assert_eq!(json_key(r#"{"id":1e400}"#).unwrap().as_deref(), Some("1e400")); // ok: test
-        assert_eq!(json_key(r#"{"id":1.50}"#).unwrap().as_deref(), Some("1.50")); // ok: test
+        assert_eq!(
+            json_key(r#"{"id":1e400}"#).unwrap().as_deref(),
+            Some("1e400")
+        ); // ok: test
+        assert_eq!(json_key(r#"{"id":1.50}"#).unwrap().as_deref(), Some("1.50"));
+        // ok: test
     }
 
     #[test]
     fn deep_nesting_beside_the_key_cannot_hide_it() {
-        let deep = format!(r#"{{"x":{}1{},"id":"evt_1"}}"#, "[".repeat(5000), "]".repeat(5000));
+        let deep = format!(
+            r#"{{"x":{}1{},"id":"evt_1"}}"#,
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
         assert_eq!(json_key(&deep).unwrap().as_deref(), Some("evt_1")); // ok: test
         assert_eq!(json_key("not json").unwrap(), None); // ok: test
         assert_eq!(json_key(r#"{"other":1}"#).unwrap(), None); // ok: test

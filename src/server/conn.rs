@@ -107,7 +107,9 @@ impl Conn {
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 self.serve_io(tls, h2).await
             }
-            Ok(Err(e)) => tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed"),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %self.info.peer, error = %e, "TLS handshake failed")
+            }
             Err(_) => tracing::debug!(peer = %self.info.peer, "TLS handshake timed out"),
         }
     }
@@ -122,8 +124,12 @@ impl Conn {
         };
         let (h2, prefix) = match detected {
             Ok(Ok(found)) => found,
-            Ok(Err(e)) => return tracing::debug!(peer = %self.info.peer, error = %e, "connection closed before a request"),
-            Err(_) => return tracing::debug!(peer = %self.info.peer, "no request within header_read_timeout"),
+            Ok(Err(e)) => {
+                return tracing::debug!(peer = %self.info.peer, error = %e, "connection closed before a request")
+            }
+            Err(_) => {
+                return tracing::debug!(peer = %self.info.peer, "no request within header_read_timeout")
+            }
         };
         let io = Rewind::new(prefix, io);
         let own = OwnBareAnswers::default();
@@ -267,7 +273,11 @@ impl Activity {
         loop {
             let (active, since) = *rx.borrow_and_update();
             let deadline = since.map_or(first, |t| t + every);
-            if active == 0 && tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if active == 0
+                && tokio::time::timeout_at(deadline, rx.changed())
+                    .await
+                    .is_err()
+            {
                 return;
             }
             if active > 0 && rx.changed().await.is_err() {

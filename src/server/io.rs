@@ -253,7 +253,10 @@ mod tests {
     #[test]
     fn recognises_only_bodiless_parser_statuses() {
         let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Sun, 22 Nov 2026 10:00:00 GMT\r\n\r\n";
-        assert_eq!(bare_parser_answer(bare), Some(StatusCode::from_u16(431).unwrap())); // ok: test
+        assert_eq!(
+            bare_parser_answer(bare),
+            Some(StatusCode::from_u16(431).unwrap())
+        ); // ok: test
         let with_body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n";
         assert_eq!(bare_parser_answer(with_body), None);
         let other = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
