@@ -293,6 +293,18 @@ impl Client {
         }
     }
 
+    /// A client that drops pooled connections idle for `idle`: keep it under the
+    /// server's `header_read_timeout`, which closes idle connections, as with any
+    /// keep-alive server, or a request can race the close.
+    pub fn with_pool_idle(idle: Duration) -> Self {
+        Client {
+            inner: HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(idle)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build_http(),
+        }
+    }
+
     pub async fn send(&self, req: Request<Full<Bytes>>) -> Got {
         let resp = self.inner.request(req).await.expect("request failed");
         let (parts, body) = resp.into_parts();
