@@ -114,7 +114,8 @@ pub async fn run_with_reloads(
     let side = TaskTracker::new();
     let tasks = TaskTracker::new();
     let store = build_store(&config)?;
-    let metrics = metrics::Metrics::new(store.clone());
+    let connections = server::Connections::new(config.server.max_connections);
+    let metrics = metrics::Metrics::new(store.clone(), connections.clone());
     if let (Some(listener), Some(api)) = (listeners.record_api, &config.record_api) {
         let api = record_api::RecordApi::new(api.clone(), store.clone(), side_stop.clone());
         side.spawn(api.serve(listener));
@@ -129,7 +130,6 @@ pub async fn run_with_reloads(
     if let Some(rx) = reloads {
         tokio::spawn(reload::apply_all(proxy.clone(), rx));
     }
-    let connections = server::Connections::new(config.server.max_connections);
     let admin_state = AdminState {
         draining: Default::default(),
         metrics: Some(metrics),

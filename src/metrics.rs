@@ -12,6 +12,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::proxy::outcome::Report;
+use crate::server::Connections;
 use crate::store::Store;
 
 /// The `route` label of requests that matched no route.
@@ -42,7 +43,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
+    pub fn new(store: Arc<dyn Store>, connections: Arc<Connections>) -> Arc<Self> {
         let mut registry = Registry::with_prefix("idemgate");
         let requests = Family::<RequestLabels, Counter>::default();
         let upstream = Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -71,6 +72,7 @@ impl Metrics {
             waiting.clone(),
         );
         registry.register_collector(Box::new(StoreCollector(store)));
+        registry.register_collector(Box::new(ConnectionCollector(connections)));
         Arc::new(Metrics {
             registry,
             requests,
@@ -175,6 +177,28 @@ impl Collector for StoreCollector {
             "lease_lost",
             "In-flight leases lost while their holder was still working (shared stores only)",
             ConstCounter::new(s.lease_lost),
+        )
+    }
+}
+
+/// Open client connections and those closed at accept for want of a slot.
+#[derive(Debug)]
+struct ConnectionCollector(Arc<Connections>);
+
+impl Collector for ConnectionCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let open = i64::try_from(self.0.open()).unwrap_or(i64::MAX);
+        emit(
+            &mut encoder,
+            "connections_open",
+            "Client connections open on the proxy listener",
+            ConstGauge::new(open),
+        )?;
+        emit(
+            &mut encoder,
+            "connections_refused",
+            "Client connections closed at accept because server.max_connections was reached",
+            ConstCounter::new(self.0.refused()),
         )
     }
 }

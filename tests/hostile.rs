@@ -357,7 +357,7 @@ fn peak_virtual_kib(pid: u32) -> u64 {
 async fn a_declared_length_is_never_allocated_up_front() {
     let upstream = FakeUpstream::echo().await;
     let toml =
-        format!("[server]\nmax_request_body = \"1GiB\"\nbody_read_timeout = \"300ms\"\n{ORDERS}");
+        format!("[server]\nlisten = \"127.0.0.1:0\"\nmax_request_body = \"1GiB\"\nbody_read_timeout = \"300ms\"\n{ORDERS}");
     let proxy = ProxyProcess::spawn(&toml, &upstream.url()).await;
     let before = peak_virtual_kib(proxy.child.id());
     let mut open = Vec::new();

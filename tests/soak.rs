@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 const CONFIG: &str = r#"
 [server]
+listen = "127.0.0.1:0"
 header_read_timeout = "1s"
 [upstream]
 url = "{upstream}"
@@ -73,15 +74,21 @@ async fn upstream(executions: Executions) -> FakeUpstream {
                 v.unwrap_or_default()
             };
             let (tenant, key) = (header("authorization"), header("idempotency-key"));
-            *executions.lock().unwrap().entry(format!("{tenant}/{key}")).or_default() += 1;
+            *executions
+                .lock()
+                .unwrap()
+                .entry(format!("{tenant}/{key}"))
+                .or_default() += 1;
             match header("x-fault").as_str() {
                 "reset" => Response::builder()
                     .status(201)
                     .header("content-length", "1000")
-                    .body(http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(
-                        Breaks(false),
-                        |e| -> idemgate::body::BoxError { Box::new(e) },
-                    )))
+                    .body(http_body_util::BodyExt::boxed(
+                        http_body_util::BodyExt::map_err(
+                            Breaks(false),
+                            |e| -> idemgate::body::BoxError { Box::new(e) },
+                        ),
+                    ))
                     .unwrap(),
                 "stall" => std::future::pending::<Response<Body>>().await,
                 _ => {
@@ -130,7 +137,10 @@ async fn send(c: &Client, url: &str, plan: &Plan, tally: &Tally) {
     match (plan.fault, got.status.as_u16()) {
         ("", 201) => {
             let doc = got.json();
-            assert_eq!(doc["tenant"], plan.tenant, "a tenant got another's response");
+            assert_eq!(
+                doc["tenant"], plan.tenant,
+                "a tenant got another's response"
+            );
             assert_eq!(doc["key"], plan.key.as_str());
             tally.created.fetch_add(1, Ordering::Relaxed);
         }
@@ -143,7 +153,10 @@ async fn send(c: &Client, url: &str, plan: &Plan, tally: &Tally) {
 
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap();
     line.trim().trim_end_matches("kB").trim().parse().unwrap()
 }
 
@@ -154,7 +167,11 @@ async fn worker(id: usize, url: String, until: Instant, tally: Arc<Tally>) {
     let mut n = 0u64;
     while Instant::now() < until {
         n += 1;
-        let tenant = if n % 2 == 0 { "Bearer tenant-a" } else { "Bearer tenant-b" };
+        let tenant = if n % 2 == 0 {
+            "Bearer tenant-a"
+        } else {
+            "Bearer tenant-b"
+        };
         // Both tenants use the same key names: scoping must keep them apart.
         let key = format!("w{id}-{}", n / 2);
         let fault = match n % 40 {
@@ -166,7 +183,8 @@ async fn worker(id: usize, url: String, until: Instant, tally: Arc<Tally>) {
         if n % 50 == 0 {
             let storm: Vec<_> = (0..20)
                 .map(|_| {
-                    let (c, url, plan, tally) = (c.clone(), url.clone(), plan.clone(), tally.clone());
+                    let (c, url, plan, tally) =
+                        (c.clone(), url.clone(), plan.clone(), tally.clone());
                     tokio::spawn(async move { send(&c, &url, &plan, &tally).await })
                 })
                 .collect();
@@ -194,7 +212,10 @@ async fn idle_sockets(addr: std::net::SocketAddr, until: Instant) -> u64 {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut buf = [0u8; 16];
         let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
-        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "an idle socket was not closed");
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle socket was not closed"
+        );
         closed += 1;
     }
     closed
@@ -202,7 +223,10 @@ async fn idle_sockets(addr: std::net::SocketAddr, until: Instant) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_mixed_load_keeps_every_guarantee() {
-    let secs: u64 = std::env::var("IDEMGATE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let secs: u64 = std::env::var("IDEMGATE_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
     let executions = Executions::default();
     let upstream = upstream(executions.clone()).await;
     let proxy = ProxyProcess::spawn(CONFIG, &upstream.url()).await;
@@ -234,7 +258,13 @@ async fn soak_mixed_load_keeps_every_guarantee() {
         executions.len(),
         idle_closed,
     );
-    assert!(ran_twice.is_empty(), "keys that ran upstream more than once: {ran_twice:?}");
+    assert!(
+        ran_twice.is_empty(),
+        "keys that ran upstream more than once: {ran_twice:?}"
+    );
     assert!(tally.replayed.load(Ordering::Relaxed) > 0 && idle_closed > 0);
-    assert!(end <= warm + warm / 2 + 8 * 1024, "RSS grew from {warm} KiB to {end} KiB");
+    assert!(
+        end <= warm + warm / 2 + 8 * 1024,
+        "RSS grew from {warm} KiB to {end} KiB"
+    );
 }

@@ -23,6 +23,7 @@ use crate::config::ServerConfig;
 use crate::proxy::{ConnInfo, Proxy};
 
 /// Open client connections against `server.max_connections`, shared with `/readyz`.
+#[derive(Debug)]
 pub struct Connections {
     permits: Arc<Semaphore>,
     max: usize,
