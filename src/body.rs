@@ -1,6 +1,8 @@
 //! The body type every response and forwarded request uses, so streamed, buffered and
 //! generated bodies flow through one pipeline.
 
+use std::future::Future as _;
+
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 
@@ -96,6 +98,55 @@ where
                 .store(true, std::sync::atomic::Ordering::Release);
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A streamed body cut with an error once `deadline` passes, so that an enforced route's
+/// `upstream.timeout` covers the whole exchange even when the body is streamed rather than
+/// buffered (a stalled upstream cannot hold the client past its timeout).
+pub struct Deadline<B> {
+    inner: B,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Deadline<B> {
+    pub fn new(inner: B, deadline: tokio::time::Instant) -> Self {
+        Deadline {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(
+                "upstream.timeout passed while the response body was streaming".into(),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -72,7 +72,8 @@ impl Exchange {
         if !self.policy.store_statuses.contains(parts.status) {
             // Not a status to keep: free the key now so a retry runs again.
             self.claim.release();
-            return (Response::from_parts(parts, body::stream(incoming)), false);
+            let body = body::Deadline::new(incoming, deadline).boxed();
+            return (Response::from_parts(parts, body), false);
         }
         let limit = self.policy.max_stored_response;
         match read_up_to(incoming, limit, deadline).await {
@@ -87,7 +88,7 @@ impl Exchange {
                 let record = self.record(&parts, None);
                 self.complete(record).await;
                 parts.headers.remove(header::CONTENT_LENGTH);
-                let body = body::stream(Prefixed::new(prefix, rest));
+                let body = body::Deadline::new(Prefixed::new(prefix, rest), deadline).boxed();
                 (Response::from_parts(parts, body), false)
             }
             Read::Failed(failure) => (self.failed(failure).await, true),
