@@ -327,6 +327,22 @@ impl Client {
     pub async fn get(&self, url: &str) -> Got {
         self.send(request("GET", url, &[], "")).await
     }
+
+    /// A GET whose connection may be refused: `None` then, instead of a panic.
+    pub async fn try_get(&self, url: &str) -> Option<Got> {
+        let resp = self
+            .inner
+            .request(request("GET", url, &[], ""))
+            .await
+            .ok()?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.ok()?.to_bytes();
+        Some(Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
 }
 
 /// Sends a POST from a task of its own (for requests that must be in flight together).
