@@ -255,7 +255,7 @@ mod tests {
         let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Sun, 22 Nov 2026 10:00:00 GMT\r\n\r\n";
         assert_eq!(
             bare_parser_answer(bare),
-            Some(StatusCode::from_u16(431).unwrap())
+            Some(StatusCode::from_u16(431).unwrap()) // ok: test
         ); // ok: test
         let with_body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 2\r\n\r\n";
         assert_eq!(bare_parser_answer(with_body), None);

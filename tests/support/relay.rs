@@ -226,7 +226,7 @@ async fn relay_connection(
                         if !delayed {
                             delayed = true;
                             counters.fired.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(d).await;
+                            tokio::time::sleep(d).await; // the Delay fault itself, not a wait for state
                         }
                         (usize::MAX, None)
                     }
