@@ -387,3 +387,30 @@ async fn a_declared_length_is_never_allocated_up_front() {
         .await;
     assert_eq!(got.status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn http2_connections_get_a_concurrent_stream_limit() {
+    let upstream = FakeUpstream::echo().await;
+    let proxy = TestProxy::start(ORDERS, &upstream.url()).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    // The server's SETTINGS arrive with the first exchange; drive one request through.
+    let req = http::Request::get(proxy.url("/a")).body(()).unwrap();
+    let (resp, _) = client
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, true)
+        .unwrap();
+    let drive = async {
+        let resp = resp.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    };
+    tokio::select! {
+        _ = drive => {}
+        r = &mut conn => panic!("connection ended: {r:?}"),
+    }
+    assert_eq!(conn.max_concurrent_send_streams(), 128);
+    drop(conn);
+    proxy.shutdown().await;
+}
