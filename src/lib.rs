@@ -113,7 +113,8 @@ pub async fn run_with_reloads(
     let (proxy_stop, side_stop) = (root.child_token(), CancellationToken::new());
     let side = TaskTracker::new();
     let tasks = TaskTracker::new();
-    let store = build_store(&config)?;
+    let store = build_store(&config, side_stop.clone())?;
+    let store_handle = store.clone();
     let connections = server::Connections::new(config.server.max_connections);
     let metrics = metrics::Metrics::new(store.clone(), connections.clone());
     if let (Some(listener), Some(api)) = (listeners.record_api, &config.record_api) {
@@ -134,6 +135,7 @@ pub async fn run_with_reloads(
         draining: Default::default(),
         metrics: Some(metrics),
         connections: Some(connections.clone()),
+        store: Some(store_handle.clone()),
     };
     if let Some(admin) = listeners.admin {
         side.spawn(server::admin::serve(
@@ -162,18 +164,29 @@ pub async fn run_with_reloads(
     {
         tracing::warn!("shutdown grace passed with upstream exchanges still running");
     }
+    // Releases of dropped claims and lease renewals: let them reach the store.
+    let background = store_handle.background();
+    background.close();
+    if tokio::time::timeout(config.server.shutdown_grace, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("shutdown grace passed with store releases still pending");
+    }
     side_stop.cancel();
     side.close();
     side.wait().await;
     Ok(())
 }
 
-fn build_store(config: &Config) -> Result<Arc<dyn store::Store>, String> {
+fn build_store(config: &Config, stop: CancellationToken) -> Result<Arc<dyn store::Store>, String> {
     match config.store.backend {
         config::Backend::Memory => Ok(store::MemoryStore::new(config.store.max_bytes)),
-        config::Backend::Redis => Err(
-            "store.backend = \"redis\" is not available in this build yet; use \"memory\"".into(),
-        ),
+        config::Backend::Redis => {
+            // rediss:// goes through rustls with the ring provider, as the rest of the crate.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            Ok(store::redis::RedisStore::start(&config.store, stop)?)
+        }
     }
 }
 

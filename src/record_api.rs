@@ -15,12 +15,11 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::body::{full, Body};
 use crate::config::RecordApiConfig;
 use crate::error::ProxyError;
-use crate::store::{Begin, Claim, Fingerprint, Record, RecordId, Store};
+use crate::store::{Begin, Fingerprint, Record, RecordId, Store, StoreError, Token};
 
 /// Record API requests carry small JSON documents; anything larger is refused.
 const MAX_BODY: usize = 1 << 20;
@@ -37,19 +36,10 @@ struct Call {
     body: Option<serde_json::Value>,
 }
 
-struct Held {
-    id: RecordId,
-    claim: Claim,
-    expires: Instant,
-}
-
 pub struct RecordApi {
     config: RecordApiConfig,
     store: Arc<dyn Store>,
-    locks: Mutex<HashMap<String, Held>>,
     windows: Mutex<HashMap<String, (Instant, u32)>>,
-    /// Lease timers: they end with the listener, and [`RecordApi::serve`] joins them.
-    leases: TaskTracker,
     stop: CancellationToken,
 }
 
@@ -68,12 +58,6 @@ fn json(status: StatusCode, doc: serde_json::Value) -> Response<Body> {
     resp
 }
 
-fn random_token() -> Result<String, ProxyError> {
-    let mut buf = [0u8; 16];
-    getrandom::fill(&mut buf).map_err(|_| ProxyError::StoreUnavailable)?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 impl RecordApi {
     pub fn new(
         config: RecordApiConfig,
@@ -83,14 +67,13 @@ impl RecordApi {
         Arc::new(RecordApi {
             config,
             store,
-            locks: Mutex::default(),
             windows: Mutex::default(),
-            leases: TaskTracker::new(),
             stop,
         })
     }
 
-    /// Serves until the `stop` given to [`RecordApi::new`] fires, then joins the leases.
+    /// Serves until the `stop` given to [`RecordApi::new`] fires. Leases live in the
+    /// store, so a lock taken here can be renewed or completed through any replica.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let api = self.clone();
         crate::server::http1::serve(listener, "record API", self.stop.clone(), move |req| {
@@ -102,8 +85,6 @@ impl RecordApi {
             }
         })
         .await;
-        self.leases.close();
-        self.leases.wait().await;
     }
 
     async fn handle(
@@ -124,7 +105,7 @@ impl RecordApi {
         match method {
             Method::POST => self.begin(id, call).await,
             Method::PUT => self.complete(id, call).await,
-            Method::DELETE => self.release(id, &call),
+            Method::DELETE => self.release(id, &call).await,
             _ => Ok(json(
                 StatusCode::METHOD_NOT_ALLOWED,
                 serde_json::json!({ "error": "use POST, PUT or DELETE" }),
@@ -142,7 +123,7 @@ impl RecordApi {
             .config
             .tokens
             .iter()
-            .any(|t| constant_time_eq(t.as_bytes(), given.as_bytes()));
+            .any(|t| constant_time_eq(t.expose().as_bytes(), given.as_bytes()));
         if known {
             Ok(given.to_string())
         } else {
@@ -174,32 +155,38 @@ impl RecordApi {
         id: RecordId,
         call: Call,
     ) -> Result<Response<Body>, ProxyError> {
+        let lease = self.config.lease;
+        let lease_ms = lease.as_millis() as u64;
         if let Some(token) = &call.token {
-            return self.renew(id, token);
+            // A POST that names its lock token extends the lease, through any replica.
+            self.store
+                .clone()
+                .renew(id, parse_token(token)?, lease)
+                .await
+                .map_err(store_error)?;
+            return Ok(json(
+                StatusCode::OK,
+                serde_json::json!({ "locked": true, "token": token, "leaseMs": lease_ms }),
+            ));
         }
         let begin = self
             .store
             .clone()
-            .begin(id, NO_FINGERPRINT)
-            .await
-            .map_err(|_| ProxyError::StoreUnavailable)?;
-        match begin {
+            .begin(id, NO_FINGERPRINT, Some(lease))
+            .await;
+        match begin.map_err(store_error)? {
             Begin::Claimed(claim) => {
-                let token = random_token()?;
-                let expires = Instant::now() + self.config.lease;
-                lock(&self.locks).insert(token.clone(), Held { id, claim, expires });
-                self.leases.spawn(self.clone().expire(token.clone()));
-                let lease_ms = self.config.lease.as_millis() as u64;
+                // The lease in the store is the lock; the worker renews it by token.
+                let token = claim.detach().hex();
                 Ok(json(
                     StatusCode::OK,
                     serde_json::json!({ "locked": true, "token": token, "leaseMs": lease_ms }),
                 ))
             }
-            Begin::InFlight { .. } => {
-                let retry = self
-                    .remaining(id)
-                    .min(Duration::from_secs(1))
-                    .max(Duration::from_millis(50));
+            Begin::InFlight { lease_left, .. } => {
+                let retry = lease_left
+                    .unwrap_or(Duration::from_secs(1))
+                    .clamp(Duration::from_millis(50), Duration::from_secs(1));
                 Ok(json(
                     StatusCode::OK,
                     serde_json::json!({ "locked": false, "retryAfterMs": retry.as_millis() as u64 }),
@@ -217,62 +204,6 @@ impl RecordApi {
         }
     }
 
-    /// A POST that names its lock token extends the lease.
-    fn renew(&self, id: RecordId, token: &str) -> Result<Response<Body>, ProxyError> {
-        let mut locks = lock(&self.locks);
-        let held = locks
-            .get_mut(token)
-            .filter(|h| h.id == id)
-            .ok_or(ProxyError::LockNotHeld)?;
-        held.expires = Instant::now() + self.config.lease;
-        let lease_ms = self.config.lease.as_millis() as u64;
-        Ok(json(
-            StatusCode::OK,
-            serde_json::json!({ "locked": true, "token": token, "leaseMs": lease_ms }),
-        ))
-    }
-
-    fn remaining(&self, id: RecordId) -> Duration {
-        let now = Instant::now();
-        lock(&self.locks)
-            .values()
-            .find(|h| h.id == id)
-            .map(|h| h.expires.saturating_duration_since(now))
-            .unwrap_or(Duration::ZERO)
-    }
-
-    /// Frees the lock when its lease passes without completion or renewal.
-    async fn expire(self: Arc<Self>, token: String) {
-        loop {
-            let Some(expires) = lock(&self.locks).get(&token).map(|h| h.expires) else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::time::sleep_until(expires) => {}
-                _ = self.stop.cancelled() => return,
-            }
-            let mut locks = lock(&self.locks);
-            if locks
-                .get(&token)
-                .is_some_and(|h| h.expires <= Instant::now())
-            {
-                if let Some(held) = locks.remove(&token) {
-                    tracing::warn!(record = %held.id.short(), "record API lease expired: lock freed");
-                }
-                return;
-            }
-        }
-    }
-
-    fn take(&self, id: RecordId, call: &Call) -> Result<Held, ProxyError> {
-        let token = call.token.as_deref().ok_or(ProxyError::LockNotHeld)?;
-        let mut locks = lock(&self.locks);
-        match locks.get(token) {
-            Some(h) if h.id == id => locks.remove(token).ok_or(ProxyError::LockNotHeld),
-            _ => Err(ProxyError::LockNotHeld),
-        }
-    }
-
     async fn complete(&self, id: RecordId, call: Call) -> Result<Response<Body>, ProxyError> {
         let status = StatusCode::from_u16(call.status.unwrap_or(200))
             .ok()
@@ -280,7 +211,7 @@ impl RecordApi {
             .ok_or_else(|| {
                 ProxyError::BadRequest("status must be an HTTP status (100-599)".into())
             })?;
-        let held = self.take(id, &call)?;
+        let token = parse_token(call.token.as_deref().unwrap_or_default())?;
         let body = serde_json::to_vec(&call.body.unwrap_or(serde_json::Value::Null))
             .map_err(|e| ProxyError::BadRequest(e.to_string()))?;
         let record = Record {
@@ -291,21 +222,39 @@ impl RecordApi {
                 http::HeaderValue::from_static("application/json"),
             )],
             body: Some(Bytes::from(body)),
-            expires_at: Instant::now() + self.config.ttl,
         };
-        held.claim
-            .complete(record)
+        let encoded = record.encode().map_err(store_error)?;
+        let store = self.store.clone();
+        store
+            .complete(id, token, encoded, self.config.ttl)
             .await
-            .map_err(|_| ProxyError::LockNotHeld)?;
+            .map_err(store_error)?;
         Ok(json(StatusCode::OK, serde_json::json!({ "stored": true })))
     }
 
-    fn release(&self, id: RecordId, call: &Call) -> Result<Response<Body>, ProxyError> {
-        drop(self.take(id, call)?);
+    async fn release(&self, id: RecordId, call: &Call) -> Result<Response<Body>, ProxyError> {
+        let token = parse_token(call.token.as_deref().unwrap_or_default())?;
+        self.store
+            .clone()
+            .release(id, token)
+            .await
+            .map_err(store_error)?;
         Ok(json(
             StatusCode::OK,
             serde_json::json!({ "released": true }),
         ))
+    }
+}
+
+/// A token the store never made cannot hold a lock.
+fn parse_token(token: &str) -> Result<Token, ProxyError> {
+    Token::from_hex(token).ok_or(ProxyError::LockNotHeld)
+}
+
+fn store_error(e: StoreError) -> ProxyError {
+    match e {
+        StoreError::LeaseLost => ProxyError::LockNotHeld,
+        StoreError::Unavailable(_) | StoreError::Corrupt(_) => ProxyError::StoreUnavailable,
     }
 }
 

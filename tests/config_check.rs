@@ -282,10 +282,8 @@ fn full_fixture_resolves_every_key() {
         Path::new("tests/fixtures/config/tls/tls.crt")
     );
     assert_eq!(config.store.backend, idemgate::config::Backend::Redis);
-    assert_eq!(
-        config.store.url.as_deref(),
-        Some("redis://127.0.0.1:6379/0")
-    );
+    let urls = config.store.urls.as_ref().unwrap();
+    assert_eq!(urls.list(), ["redis://127.0.0.1:6379/0"]);
     assert_eq!(config.idempotency.fingerprint.len(), 5);
     assert!(config
         .idempotency
@@ -320,7 +318,12 @@ fn full_fixture_resolves_every_key() {
     let Some(api) = &config.record_api else {
         panic!("full.toml: record_api missing");
     };
-    assert_eq!(api.tokens, ["literal-token-0123456789"]);
+    let tokens: Vec<&str> = api.tokens.iter().map(|t| t.expose()).collect();
+    assert_eq!(tokens, ["literal-token-0123456789"]);
+    assert!(
+        !format!("{api:?}").contains("literal-token"),
+        "a token in Debug output"
+    );
     let Some(RateLimit { count, per }) = api.rate_limit else {
         panic!("full.toml: record_api.rate_limit missing");
     };

@@ -72,9 +72,16 @@ impl Config {
         self.routes.iter().find(|r| r.matches(method, path))
     }
 
-    /// Human-readable resolved routes for `idemgate check`.
+    /// Human-readable store and resolved routes for `idemgate check` (credentials masked).
     pub fn describe_routes(&self) -> String {
-        let mut out = String::new();
+        let mut out = match (&self.store.backend, &self.store.urls) {
+            (Backend::Redis, Some(urls)) => format!(
+                "store: redis {urls} (prefix {:?}, lock_lease {})\n",
+                self.store.prefix,
+                humantime::format_duration(self.store.lock_lease)
+            ),
+            _ => format!("store: memory (max_bytes {})\n", self.store.max_bytes),
+        };
         for r in &self.routes {
             let p = &r.policy;
             let methods: Vec<&str> = r.methods.iter().map(|m| m.as_str()).collect();

@@ -63,11 +63,76 @@ pub enum OnStoreError {
     Pass,
 }
 
+/// Redis node URLs: one for a single node, several for a Cluster. They may hold a
+/// password, so `Debug` and `Display` mask it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrls(Vec<String>);
+
+impl RedisUrls {
+    pub fn new(urls: Vec<String>) -> Self {
+        RedisUrls(urls)
+    }
+
+    pub fn list(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.0.len() > 1
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+pub fn mask_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+impl std::fmt::Display for RedisUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked: Vec<String> = self.0.iter().map(|u| mask_url(u)).collect();
+        f.write_str(&masked.join(", "))
+    }
+}
+
+impl std::fmt::Debug for RedisUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RedisUrls({self})")
+    }
+}
+
+/// A credential: compared and used, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Self {
+        Secret(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreConfig {
     pub backend: Backend,
     pub max_bytes: u64,
-    pub url: Option<String>,
+    pub urls: Option<RedisUrls>,
     pub prefix: String,
     pub lock_lease: Duration,
     pub on_error: OnStoreError,
@@ -264,8 +329,8 @@ pub struct RateLimit {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordApiConfig {
     pub listen: SocketAddr,
-    /// Resolved bearer tokens (never printed).
-    pub tokens: Vec<String>,
+    /// Resolved bearer tokens (masked in `Debug`).
+    pub tokens: Vec<Secret>,
     pub ttl: Duration,
     pub lease: Duration,
     pub rate_limit: Option<RateLimit>,

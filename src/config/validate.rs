@@ -157,12 +157,39 @@ fn upstream_url(r: &mut Reader, path: &str, node: &Node) -> Option<Uri> {
     None
 }
 
+/// One `redis://` or `rediss://` URL, or a list of them (a Cluster's nodes).
+fn redis_urls(r: &mut Reader, path: &str, node: &Node) -> Option<RedisUrls> {
+    let one = |r: &mut Reader, p: &str, n: &Node| -> Option<String> {
+        let s = r.string(p, n)?;
+        let scheme_ok = s.starts_with("redis://") || s.starts_with("rediss://");
+        if !scheme_ok || redis::Client::open(s.as_str()).is_err() {
+            let shown = mask_url(&s);
+            r.error(
+                p,
+                &n.span,
+                format!("{shown:?} is not a redis:// or rediss:// URL"),
+            );
+            return None;
+        }
+        Some(s)
+    };
+    let urls = match node.value {
+        toml::de::DeValue::Array(_) => list(r, path, node, one)?,
+        _ => vec![one(r, path, node)?],
+    };
+    if urls.is_empty() {
+        r.error(path, &node.span, "must list at least one node URL");
+        return None;
+    }
+    Some(RedisUrls::new(urls))
+}
+
 fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
     let s = r.section("store", root.get("store"));
     let backends = [("memory", Backend::Memory), ("redis", Backend::Redis)];
     let backend =
         opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
-    let url = opt(r, &s, "url", string);
+    let url = opt(r, &s, "url", redis_urls);
     if backend == Backend::Redis && url.is_none() {
         r.error(
             &s.key_path("url"),
@@ -177,7 +204,7 @@ fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
     Some(StoreConfig {
         backend,
         max_bytes: opt(r, &s, "max_bytes", size_in(KIB, 1 << 40)).unwrap_or(256 * MIB),
-        url,
+        urls: url,
         prefix: opt(r, &s, "prefix", string).unwrap_or_else(|| "idemgate:".into()),
         lock_lease: dur(r, &s, "lock_lease", (MS, HOUR), 30),
         on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error))
@@ -350,17 +377,17 @@ fn record_api(r: &mut Reader, root: &Section) -> Option<RecordApiConfig> {
     })
 }
 
-fn token(r: &mut Reader, path: &str, node: &Node) -> Option<String> {
+fn token(r: &mut Reader, path: &str, node: &Node) -> Option<Secret> {
     let s = r.string(path, node)?;
     let Some(var) = s.strip_prefix("env:") else {
         if s.is_empty() {
             r.error(path, &node.span, "a token cannot be empty");
             return None;
         }
-        return Some(s);
+        return Some(Secret::new(s));
     };
     match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
+        Ok(v) if !v.is_empty() => Some(Secret::new(v)),
         Ok(_) => {
             r.error(
                 path,

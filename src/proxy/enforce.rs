@@ -14,7 +14,7 @@ use super::{buffer, fingerprint, headers, key, replay, ConnInfo, Proxy};
 use crate::body::Body;
 use crate::config::{Concurrent, Config, KeySource, OnStoreError, Route};
 use crate::error::ProxyError;
-use crate::store::{Begin, Fingerprint, RecordId};
+use crate::store::{Begin, Fingerprint, RecordId, StoreError, Woke};
 
 /// What a client is told to wait before retrying a request that is still in flight.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -105,7 +105,9 @@ async fn decide(
     let deadline = tokio::time::Instant::now() + policy.wait_timeout;
     let mut waited = false;
     loop {
-        let begin = match proxy.inner.store.clone().begin(id, fp).await {
+        let store = proxy.inner.store.clone();
+        let lease = store.claim_lease();
+        let begin = match store.begin(id, fp, lease).await {
             Ok(b) => b,
             Err(e) => return store_failed(proxy, config, e, request, id).await,
         };
@@ -142,13 +144,14 @@ async fn decide(
                     return refuse(busy, Some(id));
                 }
                 let _waiting = proxy.inner.metrics.waiting(&route.name);
-                if tokio::time::timeout_at(deadline, waiter.wait())
-                    .await
-                    .is_err()
-                {
-                    return refuse(busy, Some(id));
+                match tokio::time::timeout_at(deadline, waiter.wait()).await {
+                    Err(_) => return refuse(busy, Some(id)),
+                    Ok(Woke::Failed(e)) => {
+                        return store_failed(proxy, config, e, request, id).await
+                    }
+                    // Completed, released or lapsed: begin again decides, fingerprint included.
+                    Ok(_) => waited = true,
                 }
-                waited = true;
             }
         }
     }
@@ -193,18 +196,23 @@ async fn run(
 async fn store_failed(
     proxy: &Proxy,
     config: &Config,
-    e: crate::store::StoreError,
+    e: StoreError,
     request: Request<Bytes>,
     id: RecordId,
 ) -> Handled {
-    tracing::error!(record = %id.short(), error = %e, "store unavailable");
-    match config.store.on_error {
-        OnStoreError::Reject => refuse(ProxyError::StoreUnavailable, Some(id)),
-        OnStoreError::Pass => {
-            let (parts, body) = request.into_parts();
-            proxy
-                .send_prepared(Request::from_parts(parts, crate::body::full(body)))
-                .await
-        }
+    tracing::error!(record = %id.short(), error = %e, "store failed");
+    // Only an unreachable store may be passed over; an unreadable record is never
+    // taken as absent (that would run a duplicate).
+    let pass =
+        matches!(e, StoreError::Unavailable(_)) && config.store.on_error == OnStoreError::Pass;
+    if !pass {
+        return refuse(ProxyError::StoreUnavailable, Some(id));
     }
+    let (parts, body) = request.into_parts();
+    let (response, mut report) = proxy
+        .send_prepared(Request::from_parts(parts, crate::body::full(body)))
+        .await;
+    report.outcome = Some(Outcome::StoreError);
+    report.record = Some(id);
+    (response, report)
 }

@@ -123,13 +123,16 @@ impl Exchange {
             status: parts.status,
             headers,
             body,
-            expires_at: Instant::now() + self.policy.ttl,
         }
     }
 
     async fn complete(self, record: Record) {
         let id = self.claim.id().short();
-        if let Err(e) = self.claim.complete(record).await {
+        let stored = match record.encode() {
+            Ok(encoded) => self.claim.complete(encoded, self.policy.ttl).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
             tracing::error!(record = %id, error = %e, "could not record the response");
         }
     }

@@ -17,6 +17,7 @@ pub struct AdminState {
     pub draining: Arc<AtomicBool>,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     pub connections: Option<Arc<super::Connections>>,
+    pub store: Option<Arc<dyn crate::store::Store>>,
 }
 
 impl AdminState {
@@ -24,6 +25,9 @@ impl AdminState {
     fn not_ready(&self) -> Option<&'static str> {
         if self.draining.load(Ordering::Acquire) {
             return Some("draining\n");
+        }
+        if self.store.as_ref().is_some_and(|s| !s.ready()) {
+            return Some("store unavailable\n");
         }
         if self.connections.as_ref().is_some_and(|c| c.saturated()) {
             return Some("saturated: server.max_connections reached\n");

@@ -1,52 +1,65 @@
-//! The embedded store: completed records in moka (LRU, weighed by bytes, bounded by
-//! `store.max_bytes`), in-flight claims in a map beside it that eviction never touches.
-//! One mutex orders begin and complete, so no request sees an id half-way between
-//! in-flight and completed.
+//! The embedded store: completed records in moka (LRU, weighed by their encoded bytes,
+//! bounded by `store.max_bytes`), in-flight claims in a map beside it that eviction never
+//! touches. One mutex orders begin, complete and release, so no request sees an id
+//! half-way between in-flight and completed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moka::notification::RemovalCause;
 use moka::policy::{EvictionPolicy, Expiry};
 use moka::sync::Cache;
 use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use super::*;
 
 struct InFlight {
     fingerprint: Fingerprint,
-    owner: u64,
-    /// Dropped on complete or release: every waiter's receiver wakes.
-    _wake: watch::Sender<()>,
-    wake_rx: watch::Receiver<()>,
+    token: Token,
+    /// `None`: held for as long as this process lives (proxy claims).
+    expires: Option<Instant>,
+    /// Every waiter's receiver learns why it woke.
+    wake: watch::Sender<Option<Woke>>,
 }
 
-struct RecordExpiry;
+impl InFlight {
+    fn lapsed(&self, now: Instant) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+}
 
-impl Expiry<RecordId, Arc<Record>> for RecordExpiry {
+/// A completed record and when it stops replaying (on the tokio clock, so tests with
+/// paused time see expiry).
+struct Stored {
+    encoded: Encoded,
+    expires_at: Instant,
+}
+
+struct StoredExpiry;
+
+impl Expiry<RecordId, Arc<Stored>> for StoredExpiry {
     fn expire_after_create(
         &self,
         _: &RecordId,
-        record: &Arc<Record>,
-        _: Instant,
+        s: &Arc<Stored>,
+        _: std::time::Instant,
     ) -> Option<Duration> {
-        Some(
-            record
-                .expires_at
-                .saturating_duration_since(tokio::time::Instant::now()),
-        )
+        Some(s.expires_at.saturating_duration_since(Instant::now()))
     }
 }
 
 pub struct MemoryStore {
     inflight: Mutex<HashMap<RecordId, InFlight>>,
-    records: Cache<RecordId, Arc<Record>>,
+    records: Cache<RecordId, Arc<Stored>>,
     max_bytes: u64,
     bytes: Arc<AtomicU64>,
     evicted_early: Arc<AtomicU64>,
-    next_owner: AtomicU64,
+    lease_lost: AtomicU64,
+    background: TaskTracker,
 }
 
 impl MemoryStore {
@@ -56,14 +69,14 @@ impl MemoryStore {
         let (b, e) = (bytes.clone(), evicted_early.clone());
         let records = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_: &RecordId, r: &Arc<Record>| u32::try_from(r.weight()).unwrap_or(u32::MAX))
+            .weigher(|_: &RecordId, s: &Arc<Stored>| {
+                u32::try_from(s.encoded.weight()).unwrap_or(u32::MAX)
+            })
             .eviction_policy(EvictionPolicy::lru())
-            .expire_after(RecordExpiry)
-            .eviction_listener(move |_, r: Arc<Record>, cause| {
-                b.fetch_sub(r.weight(), Ordering::AcqRel);
-                let early = matches!(cause, RemovalCause::Size)
-                    && r.expires_at > tokio::time::Instant::now();
-                if early {
+            .expire_after(StoredExpiry)
+            .eviction_listener(move |_, s: Arc<Stored>, cause| {
+                b.fetch_sub(s.encoded.weight(), Ordering::AcqRel);
+                if matches!(cause, RemovalCause::Size) && s.expires_at > Instant::now() {
                     e.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -74,45 +87,130 @@ impl MemoryStore {
             max_bytes,
             bytes,
             evicted_early,
-            next_owner: AtomicU64::new(1),
+            lease_lost: AtomicU64::new(0),
+            background: TaskTracker::new(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<RecordId, InFlight>> {
-        // A panic while holding the lock cannot leave the map inconsistent (every
-        // critical section is a single insert or remove), so poisoning is ignored.
+        // Every critical section is a single insert or remove: a poisoned map is whole.
         self.inflight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn begin_locked(self: &Arc<Self>, id: RecordId, fingerprint: Fingerprint) -> Begin {
+    fn begin_now(
+        self: &Arc<Self>,
+        id: RecordId,
+        fingerprint: Fingerprint,
+        lease: Option<Duration>,
+    ) -> Result<Begin, StoreError> {
+        let now = Instant::now();
         let mut inflight = self.lock();
-        if let Some(f) = inflight.get(&id) {
-            let waiter = Waiter(f.wake_rx.clone());
-            return Begin::InFlight {
-                fingerprint: f.fingerprint,
-                waiter,
-            };
+        match inflight.get(&id) {
+            Some(f) if f.lapsed(now) => {
+                if let Some(old) = inflight.remove(&id) {
+                    old.wake.send_replace(Some(Woke::LeaseExpired));
+                }
+            }
+            Some(f) => {
+                return Ok(Begin::InFlight {
+                    fingerprint: f.fingerprint,
+                    waiter: waiter(f.wake.subscribe(), f.expires),
+                    lease_left: f.expires.map(|e| e.saturating_duration_since(now)),
+                })
+            }
+            None => {}
         }
-        if let Some(record) = self.records.get(&id) {
-            if record.expires_at > tokio::time::Instant::now() {
-                return Begin::Completed(record);
+        if let Some(stored) = self.records.get(&id) {
+            if stored.expires_at > now {
+                return stored.encoded.decode().map(Begin::Completed);
             }
             self.records.invalidate(&id);
         }
-        let owner = self.next_owner.fetch_add(1, Ordering::Relaxed);
-        let (wake, wake_rx) = watch::channel(());
+        let token = Token::random()?;
+        let (wake, _) = watch::channel(None);
+        let expires = lease.map(|l| now + l);
         inflight.insert(
             id,
             InFlight {
                 fingerprint,
-                owner,
-                _wake: wake,
-                wake_rx,
+                token,
+                expires,
+                wake,
             },
         );
-        let store: Arc<dyn Store> = self.clone();
-        Begin::Claimed(Claim::new(store, id, owner))
+        drop(inflight);
+        Ok(Begin::Claimed(Claim::new(self.clone(), id, token, lease)))
     }
+
+    /// Takes the claim out of the map if `token` owns it and its lease holds.
+    fn take_owned(
+        &self,
+        inflight: &mut HashMap<RecordId, InFlight>,
+        id: RecordId,
+        token: Token,
+    ) -> Result<InFlight, StoreError> {
+        let owned = inflight
+            .get(&id)
+            .is_some_and(|f| f.token == token && !f.lapsed(Instant::now()));
+        match owned.then(|| inflight.remove(&id)).flatten() {
+            Some(f) => Ok(f),
+            None => {
+                self.lease_lost.fetch_add(1, Ordering::Relaxed);
+                Err(StoreError::LeaseLost)
+            }
+        }
+    }
+
+    fn complete_now(
+        &self,
+        id: RecordId,
+        token: Token,
+        encoded: Encoded,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut inflight = self.lock();
+        let claim = self.take_owned(&mut inflight, id, token)?;
+        self.bytes.fetch_add(encoded.weight(), Ordering::AcqRel);
+        let expires_at = Instant::now() + ttl;
+        self.records.insert(
+            id,
+            Arc::new(Stored {
+                encoded,
+                expires_at,
+            }),
+        );
+        if self.bytes.load(Ordering::Acquire) > self.max_bytes {
+            // moka evicts lazily; settle now so the bound holds whenever the lock is free.
+            self.records.run_pending_tasks();
+        }
+        claim.wake.send_replace(Some(Woke::Completed));
+        Ok(())
+    }
+}
+
+/// Wakes on the holder's complete or release, or when its lease would end (then the
+/// caller's next `begin` finds out whether it was renewed).
+fn waiter(mut rx: watch::Receiver<Option<Woke>>, expires: Option<Instant>) -> Waiter {
+    Waiter::new(async move {
+        let woke = rx.wait_for(Option::is_some);
+        let lease_end = async {
+            match expires {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            w = woke => match w {
+                Ok(w) => w.clone().unwrap_or(Woke::Released),
+                Err(_) => Woke::Released,
+            },
+            _ = lease_end => Woke::LeaseExpired,
+        }
+    })
+}
+
+fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
+    Box::pin(std::future::ready(v))
 }
 
 impl Store for MemoryStore {
@@ -120,52 +218,73 @@ impl Store for MemoryStore {
         self: Arc<Self>,
         id: RecordId,
         fingerprint: Fingerprint,
+        lease: Option<Duration>,
     ) -> BoxFuture<'static, Result<Begin, StoreError>> {
-        let result = self.begin_locked(id, fingerprint);
-        Box::pin(async move { Ok(result) })
+        ready(self.begin_now(id, fingerprint, lease))
+    }
+
+    fn renew(
+        self: Arc<Self>,
+        id: RecordId,
+        token: Token,
+        lease: Duration,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        let mut inflight = self.lock();
+        let result = match self.take_owned(&mut inflight, id, token) {
+            Ok(mut f) => {
+                f.expires = Some(Instant::now() + lease);
+                inflight.insert(id, f);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        drop(inflight);
+        ready(result)
     }
 
     fn complete(
-        &self,
+        self: Arc<Self>,
         id: RecordId,
-        owner: u64,
-        record: Record,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut inflight = self.lock();
-        let owned = inflight.get(&id).is_some_and(|f| f.owner == owner);
-        let result = if owned {
-            let weight = record.weight();
-            self.bytes.fetch_add(weight, Ordering::AcqRel);
-            self.records.insert(id, Arc::new(record));
-            if self.bytes.load(Ordering::Acquire) > self.max_bytes {
-                // moka evicts lazily; settle now so the bound holds whenever the lock is free.
-                self.records.run_pending_tasks();
-            }
-            // Insert before removing the claim: there is no moment with neither.
-            inflight.remove(&id);
-            Ok(())
-        } else {
-            Err(StoreError("claim no longer owned".into()))
-        };
-        drop(inflight);
-        Box::pin(async move { result })
+        token: Token,
+        record: Encoded,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
+        ready(self.complete_now(id, token, record, ttl))
     }
 
-    fn release(&self, id: RecordId, owner: u64) {
+    fn release(
+        self: Arc<Self>,
+        id: RecordId,
+        token: Token,
+    ) -> BoxFuture<'static, Result<(), StoreError>> {
         let mut inflight = self.lock();
-        if inflight.get(&id).is_some_and(|f| f.owner == owner) {
-            inflight.remove(&id);
-        }
+        let result = self.take_owned(&mut inflight, id, token).map(|f| {
+            f.wake.send_replace(Some(Woke::Released));
+        });
+        drop(inflight);
+        ready(result)
     }
 
     fn stats(&self) -> StoreStats {
-        let inflight = self.lock();
+        let inflight = self.lock().len() as u64;
         StoreStats {
             records: self.records.entry_count(),
             bytes: self.bytes.load(Ordering::Acquire),
-            inflight: inflight.len() as u64,
+            inflight,
             evicted_before_ttl: self.evicted_early.load(Ordering::Relaxed),
-            lease_lost: 0,
+            lease_lost: self.lease_lost.load(Ordering::Relaxed),
         }
+    }
+
+    fn ready(&self) -> bool {
+        true
+    }
+
+    fn claim_lease(&self) -> Option<Duration> {
+        None
+    }
+
+    fn background(&self) -> &TaskTracker {
+        &self.background
     }
 }

@@ -1,18 +1,30 @@
-//! Records and the store they live in. One atomic step ([`Store::begin`]) decides a
-//! request's fate; an in-flight claim is a [`Claim`] guard whose drop releases it, so a
-//! failed or cancelled exchange never leaves a key locked.
+//! The store contract every backend keeps, so the proxy and the record API behave the
+//! same on each (memory, Redis). One atomic step ([`Store::begin`]) decides a request's
+//! fate. An in-flight record is a lease held by an opaque random [`Token`] the backend
+//! made; only its owner may [`Store::renew`], [`Store::complete`] or [`Store::release`]
+//! it, and an owner whose lease lapsed gets [`StoreError::LeaseLost`], never a silent
+//! overwrite. Records travel as one byte encoding ([`record::Encoded`]) with a relative
+//! ttl, so no replica ever compares clocks.
+//!
+//! - [`record`]: the record and its encoding.
+//! - [`claim`]: the [`Claim`] guard: renews while held, releases in the background on drop.
+//! - [`memory`], [`redis`]: the backends.
 
+pub mod claim;
 pub mod memory;
+pub mod record;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, StatusCode};
-use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
+pub use claim::Claim;
 pub use memory::MemoryStore;
+pub use record::{Encoded, Record};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -23,7 +35,11 @@ pub struct RecordId(pub [u8; 32]);
 impl RecordId {
     /// Enough of the id to correlate log lines, never enough to recover anything.
     pub fn short(&self) -> String {
-        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0[..6])
+    }
+
+    pub fn hex(&self) -> String {
+        hex(&self.0)
     }
 }
 
@@ -31,60 +47,109 @@ impl RecordId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint(pub [u8; 32]);
 
-/// A completed exchange as it will be replayed.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub fingerprint: Fingerprint,
-    pub status: StatusCode,
-    /// End-to-end headers only; hop-by-hop ones never reach a record.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// `None` when the body was larger than `max_stored_response` (retries get 410).
-    pub body: Option<Bytes>,
-    /// On the tokio clock, so paused-time tests see expiry.
-    pub expires_at: tokio::time::Instant,
+/// The owner of an in-flight record: random, made by the backend, so that no two
+/// replicas (or processes over time) can ever hold the same one.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(pub [u8; 16]);
+
+impl Token {
+    pub fn random() -> Result<Self, StoreError> {
+        let mut t = [0u8; 16];
+        getrandom::fill(&mut t)
+            .map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
+        Ok(Token(t))
+    }
+
+    pub fn hex(&self) -> String {
+        hex(&self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 32 {
+            return None;
+        }
+        let mut t = [0u8; 16];
+        for (i, pair) in bytes.chunks(2).enumerate() {
+            let text = std::str::from_utf8(pair).ok()?;
+            t[i] = u8::from_str_radix(text, 16).ok()?;
+        }
+        Some(Token(t))
+    }
 }
 
-impl Record {
-    /// Bytes this record holds, as counted against `store.max_bytes`.
-    pub fn weight(&self) -> u64 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 8)
-            .sum();
-        (self.body.as_ref().map_or(0, |b| b.len()) + headers + 128) as u64
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A lock token is a credential for the record API: never in a log line.
+        f.write_str("Token(…)")
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a store call failed. Only `Unavailable` is subject to `store.on_error`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The store could not be reached or did not answer in time.
+    Unavailable(String),
+    /// The caller's lease lapsed (or was never held): another may own the record now.
+    LeaseLost,
+    /// What the store holds cannot be read (damaged, or written by a newer idemgate).
+    Corrupt(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Unavailable(why) => write!(f, "store unavailable: {why}"),
+            StoreError::LeaseLost => {
+                f.write_str("lease lost: the in-flight record is no longer ours")
+            }
+            StoreError::Corrupt(why) => write!(f, "store holds an unreadable record: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Why a waiter woke; in every case it goes back to [`Store::begin`], which decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Woke {
+    Completed,
+    Released,
+    /// The holder's lease ended without completion (it may have died), or the waiter's
+    /// bounded poll found the holder gone.
+    LeaseExpired,
+    Failed(StoreError),
+}
+
+/// Resolves when an in-flight record completes, is released or its lease ends.
+pub struct Waiter(BoxFuture<'static, Woke>);
+
+impl Waiter {
+    pub fn new(fut: impl Future<Output = Woke> + Send + 'static) -> Self {
+        Waiter(Box::pin(fut))
+    }
+
+    pub async fn wait(self) -> Woke {
+        self.0.await
     }
 }
 
 /// What the store found for a record id.
 pub enum Begin {
-    /// Nothing was there: this request runs, and must complete or drop the claim.
+    /// Nothing was there: this caller runs, and must complete or drop the claim.
     Claimed(Claim),
     /// Another request with this id is running.
     InFlight {
         fingerprint: Fingerprint,
         waiter: Waiter,
+        /// How long the holder's lease has left, when it has one.
+        lease_left: Option<Duration>,
     },
-    Completed(Arc<Record>),
-}
-
-/// Resolves when an in-flight claim completes or is released.
-pub struct Waiter(pub(crate) watch::Receiver<()>);
-
-impl Waiter {
-    pub async fn wait(mut self) {
-        // The claim's sender is dropped on complete or release; that is the wake-up.
-        while self.0.changed().await.is_ok() {}
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
-
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "store error: {}", self.0)
-    }
+    Completed(Record),
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -93,67 +158,47 @@ pub struct StoreStats {
     pub bytes: u64,
     pub inflight: u64,
     pub evicted_before_ttl: u64,
-    /// Leases lost while still held; always 0 on the memory store (claims cannot expire).
+    /// Owners that found their lease gone when they renewed, completed or released.
     pub lease_lost: u64,
 }
 
-/// A store backend. Claims hold an `Arc` of it so their drop can release.
+/// A store backend. Every async call takes `Arc<Self>` so its future owns what it needs
+/// and can run on a background task (a dropped claim's release, a lease renewal).
 pub trait Store: Send + Sync + 'static {
+    /// The atomic step: a completed record, an in-flight one to wait for, or a claim.
+    /// `lease` bounds the claim's life unless renewed; `None` lets it live as long as
+    /// this process (the memory store's proxy claims).
     fn begin(
         self: Arc<Self>,
         id: RecordId,
         fingerprint: Fingerprint,
+        lease: Option<Duration>,
     ) -> BoxFuture<'static, Result<Begin, StoreError>>;
-    fn complete(
-        &self,
+    fn renew(
+        self: Arc<Self>,
         id: RecordId,
-        owner: u64,
-        record: Record,
-    ) -> BoxFuture<'_, Result<(), StoreError>>;
-    fn release(&self, id: RecordId, owner: u64);
+        token: Token,
+        lease: Duration,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Stores `record` for `ttl` and frees the claim, if `token` still owns it.
+    fn complete(
+        self: Arc<Self>,
+        id: RecordId,
+        token: Token,
+        record: Encoded,
+        ttl: Duration,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+    fn release(
+        self: Arc<Self>,
+        id: RecordId,
+        token: Token,
+    ) -> BoxFuture<'static, Result<(), StoreError>>;
+    /// Counters held by the backend: a scrape never waits on the network.
     fn stats(&self) -> StoreStats;
-}
-
-/// The right to run the request for `id`. Dropping it without [`Claim::complete`]
-/// releases the id so that waiters (and retries) run it again.
-pub struct Claim {
-    store: Arc<dyn Store>,
-    id: RecordId,
-    owner: u64,
-    done: bool,
-}
-
-impl Claim {
-    pub(crate) fn new(store: Arc<dyn Store>, id: RecordId, owner: u64) -> Self {
-        Claim {
-            store,
-            id,
-            owner,
-            done: false,
-        }
-    }
-
-    pub fn id(&self) -> RecordId {
-        self.id
-    }
-
-    pub async fn complete(mut self, record: Record) -> Result<(), StoreError> {
-        self.done = true;
-        let result = self.store.complete(self.id, self.owner, record).await;
-        if result.is_err() {
-            self.store.release(self.id, self.owner);
-        }
-        result
-    }
-
-    /// Explicit release (same as drop), for readability at call sites.
-    pub fn release(self) {}
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        if !self.done {
-            self.store.release(self.id, self.owner);
-        }
-    }
+    /// From the backend's own background check; never a blocking call.
+    fn ready(&self) -> bool;
+    /// The lease proxy claims take, renewed while the upstream works.
+    fn claim_lease(&self) -> Option<Duration>;
+    /// Releases of dropped claims and lease renewals run here; drained at shutdown.
+    fn background(&self) -> &TaskTracker;
 }

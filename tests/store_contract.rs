@@ -1,0 +1,359 @@
+//! One contract, every backend: the same tests run on the memory store and on a real
+//! `redis-server` (two store instances on one server standing for two replicas), so the
+//! backends cannot drift apart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use idemgate::config::{Backend, OnStoreError, RedisUrls, StoreConfig};
+use idemgate::store::redis::RedisStore;
+use idemgate::store::{
+    Begin, Claim, Fingerprint, MemoryStore, Record, RecordId, Store, StoreError, Token, Woke,
+};
+use support::redis::RedisServer;
+use tokio_util::sync::CancellationToken;
+
+const FP: Fingerprint = Fingerprint([7; 32]);
+const OTHER_FP: Fingerprint = Fingerprint([8; 32]);
+const TTL: Duration = Duration::from_secs(60);
+
+fn id(n: u64) -> RecordId {
+    RecordId(*blake3::hash(&n.to_le_bytes()).as_bytes())
+}
+
+fn record(body: &'static str) -> idemgate::store::Encoded {
+    Record {
+        fingerprint: FP,
+        status: StatusCode::CREATED,
+        headers: vec![(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        )],
+        body: Some(Bytes::from_static(body.as_bytes())),
+    }
+    .encode()
+    .unwrap()
+}
+
+/// Two handles on one store: the same instance for memory, two clients of one server
+/// for Redis (two replicas). Keeps the server alive.
+struct Pair {
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+    _server: Option<RedisServer>,
+}
+
+fn redis_config(url: String, lease: Duration) -> StoreConfig {
+    StoreConfig {
+        backend: Backend::Redis,
+        max_bytes: 1 << 20,
+        urls: Some(RedisUrls::new(vec![url])),
+        prefix: "test:".into(),
+        lock_lease: lease,
+        on_error: OnStoreError::Reject,
+    }
+}
+
+async fn redis_store(url: String, lease: Duration) -> Arc<dyn Store> {
+    let store = RedisStore::start(&redis_config(url, lease), CancellationToken::new()).unwrap();
+    eventually!(store.ready(), "the Redis store never became ready");
+    store
+}
+
+async fn pair(kind: &str) -> Pair {
+    match kind {
+        "memory" => {
+            let s: Arc<dyn Store> = MemoryStore::new(1 << 20);
+            Pair {
+                a: s.clone(),
+                b: s,
+                _server: None,
+            }
+        }
+        _ => {
+            let server = RedisServer::start().await;
+            let a = redis_store(server.url(), Duration::from_secs(30)).await;
+            let b = redis_store(server.url(), Duration::from_secs(30)).await;
+            Pair {
+                a,
+                b,
+                _server: Some(server),
+            }
+        }
+    }
+}
+
+async fn claim(store: &Arc<dyn Store>, n: u64, lease: Option<Duration>) -> Claim {
+    match store.clone().begin(id(n), FP, lease).await.unwrap() {
+        Begin::Claimed(c) => c,
+        _ => panic!("id {n} was not free"),
+    }
+}
+
+async fn body_of(store: &Arc<dyn Store>, n: u64) -> Option<Bytes> {
+    match store.clone().begin(id(n), FP, None).await.unwrap() {
+        Begin::Completed(r) => r.body,
+        Begin::Claimed(c) => {
+            drop(c);
+            None
+        }
+        Begin::InFlight { .. } => None,
+    }
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory { $( #[tokio::test] async fn $name() { super::$name("memory").await } )* }
+        mod redis { $( #[tokio::test] async fn $name() { super::$name("redis").await } )* }
+    };
+}
+
+contract!(
+    completion_wakes_a_waiter_on_another_replica_with_the_record,
+    release_wakes_waiters_and_frees_the_key,
+    a_dropped_claim_is_released_in_the_background,
+    a_stale_owner_cannot_complete_and_is_counted,
+    renewal_keeps_a_claim_past_its_lease,
+    a_dead_holders_lease_ends_and_its_waiter_learns_why,
+    only_the_tokens_owner_may_complete_or_release,
+    records_expire_after_their_relative_ttl,
+    the_in_flight_fingerprint_is_reported_for_mismatch,
+);
+
+async fn completion_wakes_a_waiter_on_another_replica_with_the_record(kind: &str) {
+    let p = pair(kind).await;
+    let c = claim(&p.a, 1, p.a.claim_lease()).await;
+    let Begin::InFlight {
+        waiter,
+        fingerprint,
+        ..
+    } = p.b.clone().begin(id(1), FP, None).await.unwrap()
+    else {
+        panic!("expected in flight")
+    };
+    assert_eq!(fingerprint, FP);
+    let woke = tokio::spawn(waiter.wait());
+    c.complete(record("done"), TTL).await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), woke)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(why, Woke::Completed | Woke::LeaseExpired),
+        "{why:?}"
+    );
+    assert_eq!(body_of(&p.b, 1).await.as_deref(), Some(&b"done"[..]));
+}
+
+async fn release_wakes_waiters_and_frees_the_key(kind: &str) {
+    let p = pair(kind).await;
+    let c = claim(&p.a, 2, p.a.claim_lease()).await;
+    let Begin::InFlight { waiter, .. } = p.b.clone().begin(id(2), FP, None).await.unwrap() else {
+        panic!("expected in flight")
+    };
+    let woke = tokio::spawn(waiter.wait());
+    p.a.clone().release(id(2), c.token()).await.unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(5), woke)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(why, Woke::Released | Woke::LeaseExpired),
+        "{why:?}"
+    );
+    let again = claim(&p.b, 2, None).await;
+    drop(c); // its release now finds someone else's lease: nothing is freed
+    let Begin::InFlight { .. } = p.a.clone().begin(id(2), FP, None).await.unwrap() else {
+        panic!("the stale guard's drop freed the new owner's claim")
+    };
+    drop(again);
+}
+
+async fn a_dropped_claim_is_released_in_the_background(kind: &str) {
+    let p = pair(kind).await;
+    drop(claim(&p.a, 3, p.a.claim_lease()).await);
+    let mut next = None;
+    eventually!(
+        {
+            if let Ok(Begin::Claimed(c)) = p.b.clone().begin(id(3), FP, None).await {
+                next = Some(c);
+            }
+            next.is_some()
+        },
+        "a dropped claim was never released"
+    );
+    next.unwrap().complete(record("second"), TTL).await.unwrap();
+    assert_eq!(body_of(&p.a, 3).await.as_deref(), Some(&b"second"[..]));
+}
+
+async fn a_stale_owner_cannot_complete_and_is_counted(kind: &str) {
+    let p = pair(kind).await;
+    let lease = Duration::from_millis(200);
+    // A holder that died: it stops renewing and never releases.
+    let token = claim(&p.a, 4, Some(lease)).await.detach();
+    let mut newer = None;
+    eventually!(
+        {
+            if let Ok(Begin::Claimed(c)) =
+                p.b.clone()
+                    .begin(id(4), FP, Some(Duration::from_secs(30)))
+                    .await
+            {
+                newer = Some(c);
+            }
+            newer.is_some()
+        },
+        "the lapsed lease was never taken over"
+    );
+    newer.unwrap().complete(record("newer"), TTL).await.unwrap();
+    let lost_before = p.a.stats().lease_lost;
+    let late =
+        p.a.clone()
+            .complete(id(4), token, record("stale"), TTL)
+            .await;
+    assert_eq!(late, Err(StoreError::LeaseLost));
+    assert_eq!(p.a.stats().lease_lost, lost_before + 1);
+    assert_eq!(body_of(&p.b, 4).await.as_deref(), Some(&b"newer"[..]));
+}
+
+async fn renewal_keeps_a_claim_past_its_lease(kind: &str) {
+    let p = pair(kind).await;
+    let lease = Duration::from_millis(300);
+    // A held claim renews itself every third of its lease.
+    let held = claim(&p.a, 5, Some(lease)).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1200);
+    while tokio::time::Instant::now() < until {
+        match p.b.clone().begin(id(5), FP, Some(lease)).await.unwrap() {
+            Begin::InFlight { .. } => {}
+            _ => panic!("a renewed claim lapsed"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    held.complete(record("renewed"), TTL).await.unwrap();
+    assert_eq!(body_of(&p.b, 5).await.as_deref(), Some(&b"renewed"[..]));
+}
+
+async fn a_dead_holders_lease_ends_and_its_waiter_learns_why(kind: &str) {
+    let p = pair(kind).await;
+    let token = claim(&p.a, 6, None).await.detach();
+    // Without a lease (memory proxy claims) it would hold forever: give it one.
+    p.a.clone()
+        .renew(id(6), token, Duration::from_millis(200))
+        .await
+        .unwrap();
+    let Begin::InFlight { waiter, .. } = p.b.clone().begin(id(6), FP, None).await.unwrap() else {
+        panic!("expected in flight")
+    };
+    let why = tokio::time::timeout(Duration::from_secs(5), waiter.wait())
+        .await
+        .unwrap();
+    assert_eq!(why, Woke::LeaseExpired);
+    claim(&p.b, 6, None).await;
+}
+
+async fn only_the_tokens_owner_may_complete_or_release(kind: &str) {
+    let p = pair(kind).await;
+    let c = claim(&p.a, 7, p.a.claim_lease()).await;
+    let forged = Token::random().unwrap();
+    assert_ne!(forged, c.token());
+    assert_eq!(
+        p.b.clone()
+            .complete(id(7), forged, record("forged"), TTL)
+            .await,
+        Err(StoreError::LeaseLost)
+    );
+    assert_eq!(
+        p.b.clone().release(id(7), forged).await,
+        Err(StoreError::LeaseLost)
+    );
+    assert_eq!(
+        p.b.clone().renew(id(7), forged, TTL).await,
+        Err(StoreError::LeaseLost)
+    );
+    c.complete(record("owner"), TTL).await.unwrap();
+    assert_eq!(body_of(&p.b, 7).await.as_deref(), Some(&b"owner"[..]));
+}
+
+async fn records_expire_after_their_relative_ttl(kind: &str) {
+    let p = pair(kind).await;
+    claim(&p.a, 8, None)
+        .await
+        .complete(record("short"), Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(body_of(&p.b, 8).await.as_deref(), Some(&b"short"[..]));
+    eventually!(
+        matches!(
+            p.b.clone().begin(id(8), FP, None).await,
+            Ok(Begin::Claimed(_))
+        ),
+        "the record outlived its ttl"
+    );
+}
+
+async fn the_in_flight_fingerprint_is_reported_for_mismatch(kind: &str) {
+    let p = pair(kind).await;
+    let _held = claim(&p.a, 9, p.a.claim_lease()).await;
+    let Begin::InFlight { fingerprint, .. } =
+        p.b.clone().begin(id(9), OTHER_FP, None).await.unwrap()
+    else {
+        panic!("expected in flight")
+    };
+    assert_eq!(
+        fingerprint, FP,
+        "the holder's fingerprint, not the caller's"
+    );
+}
+
+#[tokio::test]
+async fn redis_refuses_a_record_written_by_a_future_version() {
+    let server = RedisServer::start().await;
+    let store = redis_store(server.url(), Duration::from_secs(30)).await;
+    let mut raw = record("x").as_bytes().to_vec();
+    raw[3] += 1;
+    let mut conn = server.connection().await;
+    let key = format!("test:{{{}}}", id(10).hex());
+    ::redis::cmd("SET")
+        .arg(&key)
+        .arg(raw)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    match store.clone().begin(id(10), FP, None).await {
+        Err(StoreError::Corrupt(why)) => assert!(why.contains("newer"), "{why}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_within_the_op_timeout_and_recovers() {
+    let mut server = RedisServer::start().await;
+    let store = redis_store(server.url(), Duration::from_secs(30)).await;
+    server.stop();
+    let started = tokio::time::Instant::now();
+    match store.clone().begin(id(11), FP, None).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("expected unavailable, got {:?}", other.map(|_| ())),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    eventually!(!store.ready(), "readiness never noticed the outage");
+    server.restart().await;
+    eventually!(
+        matches!(
+            store.clone().begin(id(11), FP, None).await,
+            Ok(Begin::Claimed(_))
+        ),
+        "the store never recovered"
+    );
+    eventually!(store.ready(), "never ready again");
+}
