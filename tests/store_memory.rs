@@ -101,3 +101,64 @@ async fn records_expire_on_the_tokio_clock() {
         Begin::Claimed(_)
     ));
 }
+
+mod support;
+
+/// The real binary's resident memory in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap();
+    line.trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_grows_with_the_bound_not_with_the_records() {
+    const MAX_MIB: u64 = 32;
+    const RECORDS: usize = 100_000;
+    let body = Bytes::from(vec![b'r'; 1024]);
+    let upstream = support::FakeUpstream::buffered(move |_, _| {
+        let body = body.clone();
+        async move {
+            let mut resp = http::Response::new(idemgate::body::full(body));
+            *resp.status_mut() = StatusCode::CREATED;
+            resp.headers_mut()
+                .insert("content-type", "application/octet-stream".parse().unwrap());
+            resp
+        }
+    })
+    .await;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[upstream]\nurl = \"{{upstream}}\"\n[store]\nmax_bytes = \"{MAX_MIB}MiB\"\n[[routes]]\nname = \"orders\"\npath = \"/v1/orders\"\n"
+    );
+    let proxy = support::ProxyProcess::spawn(&toml, &upstream.url()).await;
+    let pid = proxy.child.id();
+    let url = proxy.url("/v1/orders");
+    let send = |range: std::ops::Range<usize>| {
+        let url = url.clone();
+        async move {
+            let c = support::Client::new();
+            for n in range {
+                let key = format!("rss-{n}");
+                let got = c.post(&url, &[("idempotency-key", &key)], "x").await;
+                assert_eq!(got.status, StatusCode::CREATED);
+            }
+        }
+    };
+    send(0..1000).await;
+    let before = rss_kib(pid);
+    let workers: Vec<_> = (0..16)
+        .map(|w| tokio::spawn(send(1000 + w * RECORDS / 16..1000 + (w + 1) * RECORDS / 16)))
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let grew = rss_kib(pid).saturating_sub(before);
+    println!("{RECORDS} records of 1 KiB under max_bytes = {MAX_MIB}MiB: RSS grew {grew} KiB");
+    assert!(
+        grew <= MAX_MIB * 1024 * 3 / 2,
+        "RSS grew {grew} KiB for a {MAX_MIB} MiB bound"
+    );
+}

@@ -32,6 +32,15 @@ impl InFlight {
     }
 }
 
+/// What a cached record costs beyond its encoded bytes (its id, the cache entry and its
+/// timers, the allocation's rounding), so that `max_bytes` bounds the process's memory
+/// rather than just the payload. Measured: 100k 1 KiB records under a 32 MiB bound.
+const ENTRY_OVERHEAD: u64 = 256;
+
+fn weight(s: &Stored) -> u64 {
+    s.encoded.weight() + ENTRY_OVERHEAD
+}
+
 /// A completed record and when it stops replaying (on the tokio clock, so tests with
 /// paused time see expiry).
 struct Stored {
@@ -69,13 +78,11 @@ impl MemoryStore {
         let (b, e) = (bytes.clone(), evicted_early.clone());
         let records = Cache::builder()
             .max_capacity(max_bytes)
-            .weigher(|_: &RecordId, s: &Arc<Stored>| {
-                u32::try_from(s.encoded.weight()).unwrap_or(u32::MAX)
-            })
+            .weigher(|_: &RecordId, s: &Arc<Stored>| u32::try_from(weight(s)).unwrap_or(u32::MAX))
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(StoredExpiry)
             .eviction_listener(move |_, s: Arc<Stored>, cause| {
-                b.fetch_sub(s.encoded.weight(), Ordering::AcqRel);
+                b.fetch_sub(weight(&s), Ordering::AcqRel);
                 if matches!(cause, RemovalCause::Size) && s.expires_at > Instant::now() {
                     e.fetch_add(1, Ordering::Relaxed);
                 }
@@ -170,15 +177,12 @@ impl MemoryStore {
     ) -> Result<(), StoreError> {
         let mut inflight = self.lock();
         let claim = self.take_owned(&mut inflight, id, token)?;
-        self.bytes.fetch_add(encoded.weight(), Ordering::AcqRel);
-        let expires_at = Instant::now() + ttl;
-        self.records.insert(
-            id,
-            Arc::new(Stored {
-                encoded,
-                expires_at,
-            }),
-        );
+        let stored = Arc::new(Stored {
+            encoded,
+            expires_at: Instant::now() + ttl,
+        });
+        self.bytes.fetch_add(weight(&stored), Ordering::AcqRel);
+        self.records.insert(id, stored);
         if self.bytes.load(Ordering::Acquire) > self.max_bytes {
             // moka evicts lazily; settle now so the bound holds whenever the lock is free.
             self.records.run_pending_tasks();

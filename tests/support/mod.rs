@@ -321,6 +321,27 @@ impl Client {
         }
     }
 
+    /// A POST whose connection may fail (a killed server): the error instead of a panic.
+    pub async fn try_post(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Got, String> {
+        let resp = self
+            .inner
+            .request(request("POST", url, headers, body))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Got {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+
     pub async fn post(&self, url: &str, headers: &[(&str, &str)], body: &str) -> Got {
         self.send(request("POST", url, headers, body)).await
     }
@@ -440,6 +461,7 @@ pub struct ProxyProcess {
     pub child: std::process::Child,
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub record_api: Option<SocketAddr>,
     pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
     pub dir: tempfile::TempDir,
 }
@@ -491,10 +513,14 @@ impl ProxyProcess {
         .expect("no 'idemgate listening' line within 20s");
         let addr = listening["listen"].as_str().unwrap().parse().unwrap();
         let admin = listening["admin"].as_str().and_then(|s| s.parse().ok());
+        let record_api = listening["record_api"]
+            .as_str()
+            .and_then(|s| s.parse().ok());
         ProxyProcess {
             child,
             addr,
             admin,
+            record_api,
             lines: rx,
             dir,
         }
