@@ -329,3 +329,27 @@ fn full_fixture_resolves_every_key() {
     };
     assert_eq!((count, per), (100, std::time::Duration::from_secs(1)));
 }
+
+#[test]
+fn a_redis_password_never_appears_in_check_output_or_debug() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    let toml = "[upstream]\nurl = \"http://127.0.0.1:3000\"\n[store]\nbackend = \"redis\"\nurl = [\"redis://app:hunter2-secret@10.0.0.1:6379\", \"rediss://:hunter2-secret@10.0.0.2:6380\"]\n";
+    std::fs::write(&path, toml).unwrap();
+    let out = check(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&path, &out));
+    assert!(stdout.contains("redis://app:***@10.0.0.1:6379"), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "{stdout}");
+    let config = idemgate::config::load(&path).unwrap();
+    assert!(!format!("{config:?}").contains("hunter2"));
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, toml.replace("rediss://", "https://")).unwrap();
+    let out = check(&bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains(":***@10.0.0.2") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
+}

@@ -190,7 +190,7 @@ fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
     let backend =
         opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
     let url = opt(r, &s, "url", redis_urls);
-    if backend == Backend::Redis && url.is_none() {
+    if backend == Backend::Redis && s.get("url").is_none() {
         r.error(
             &s.key_path("url"),
             &s.span.clone(),
