@@ -394,3 +394,50 @@ async fn on_a_three_master_cluster_replicas_share_records() {
     assert!(bodies.windows(2).all(|w| w[0] == w[1]));
     assert_eq!(upstream.calls(), 13);
 }
+
+#[tokio::test]
+async fn an_evicting_redis_is_warned_about_at_start() {
+    let redis = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]).await;
+    let upstream = FakeUpstream::echo().await;
+    let mut a =
+        ProxyProcess::spawn(&config(&format!("{:?}", redis.url()), ""), &upstream.url()).await;
+    let (line, _) = a.wait_for_line("maxmemory-policy").await;
+    assert!(
+        line.contains("allkeys-lru") && line.contains("WARN"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn rediss_reaches_a_tls_redis_through_rustls_and_ring() {
+    let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/tls");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cert = tls.join("tls.crt");
+    let key = tls.join("tls.key");
+    let redis = RedisServer::start_with(&[
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+    ])
+    .await;
+    let upstream = FakeUpstream::echo().await;
+    // The server's certificate chains to the fixture CA (itself: self-signed for localhost).
+    let url = format!("\"rediss://localhost:{port}/0\"");
+    let ca = format!("ca_file = {:?}", tls.join("ca.pem").to_str().unwrap());
+    let (a, b) = replicas(&config(&url, &ca), &upstream.url()).await;
+    let c = Client::new();
+    let first = c.post(&a.url("/v1/orders"), &[(KEY, "tls")], "x").await;
+    let retry = c.post(&b.url("/v1/orders"), &[(KEY, "tls")], "x").await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    assert_eq!(upstream.calls(), 1);
+}

@@ -54,6 +54,7 @@ fn redis_config(url: String, lease: Duration) -> StoreConfig {
         backend: Backend::Redis,
         max_bytes: 1 << 20,
         urls: Some(RedisUrls::new(vec![url])),
+        ca_file: None,
         prefix: "test:".into(),
         lock_lease: lease,
         on_error: OnStoreError::Reject,

@@ -133,6 +133,9 @@ pub struct StoreConfig {
     pub backend: Backend,
     pub max_bytes: u64,
     pub urls: Option<RedisUrls>,
+    /// PEM roots that a `rediss://` server's certificate must chain to (instead of the
+    /// system's), for a Redis with its own CA.
+    pub ca_file: Option<PathBuf>,
     pub prefix: String,
     pub lock_lease: Duration,
     pub on_error: OnStoreError,

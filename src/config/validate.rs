@@ -102,6 +102,18 @@ fn dur(
     opt(r, sec, key, duration_in(range.0, range.1)).unwrap_or(Duration::from_secs(default_secs))
 }
 
+/// A PEM certificate file, loaded now so `check` fails where `run` would.
+fn pem_file(r: &mut Reader, path: &str, node: &Node) -> Option<PathBuf> {
+    let file = PathBuf::from(r.string(path, node)?);
+    match crate::proxy::forward::load_roots(&file) {
+        Ok(_) => Some(file),
+        Err(e) => {
+            r.error(path, &node.span, e);
+            None
+        }
+    }
+}
+
 fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
     let s = r.section("upstream", root.get("upstream"));
     let url = if s.is_present() {
@@ -123,16 +135,7 @@ fn upstream(r: &mut Reader, root: &Section) -> Option<UpstreamConfig> {
         2,
     );
     let timeout = dur(r, &s, "timeout", (MS, 24 * HOUR), 30);
-    let ca_file = opt(r, &s, "ca_file", |r, p, n| {
-        let path = PathBuf::from(r.string(p, n)?);
-        match crate::proxy::forward::load_roots(&path) {
-            Ok(_) => Some(path),
-            Err(e) => {
-                r.error(p, &n.span, e);
-                None
-            }
-        }
-    });
+    let ca_file = opt(r, &s, "ca_file", pem_file);
     Some(UpstreamConfig {
         url: url?,
         connect_timeout,
@@ -205,6 +208,7 @@ fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
         backend,
         max_bytes: opt(r, &s, "max_bytes", size_in(KIB, 1 << 40)).unwrap_or(256 * MIB),
         urls: url,
+        ca_file: opt(r, &s, "ca_file", pem_file),
         prefix: opt(r, &s, "prefix", string).unwrap_or_else(|| "idemgate:".into()),
         lock_lease: dur(r, &s, "lock_lease", (MS, HOUR), 30),
         on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error))

@@ -101,6 +101,8 @@ struct Scripts {
 pub struct RedisStore {
     conn: ArcSwapOption<Conn>,
     urls: Vec<String>,
+    /// `store.ca_file`'s PEM bytes: the roots a `rediss://` server must chain to.
+    roots: Option<Vec<u8>>,
     prefix: String,
     channel: String,
     lease: Duration,
@@ -129,8 +131,16 @@ impl RedisStore {
         if urls.is_empty() {
             return Err("store.url is required for backend = \"redis\"".into());
         }
+        let roots = match &config.ca_file {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("store.ca_file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let store = Arc::new(RedisStore {
             conn: ArcSwapOption::empty(),
+            roots,
             channel: format!("{}events", config.prefix),
             prefix: config.prefix.clone(),
             urls,
@@ -148,7 +158,8 @@ impl RedisStore {
             stop,
         });
         if store.urls.len() == 1 {
-            let client = ::redis::Client::open(store.urls[0].as_str())
+            let client = store
+                .client(&store.urls[0])
                 .map_err(|e| format!("store.url: {e}"))?;
             let manager = client
                 .get_connection_manager_lazy(manager_config())
@@ -163,6 +174,13 @@ impl RedisStore {
         tokio::spawn(store.clone().check_health());
         tokio::spawn(store.clone().subscribe());
         Ok(store)
+    }
+
+    fn client(&self, url: &str) -> ::redis::RedisResult<::redis::Client> {
+        match &self.roots {
+            Some(roots) => ::redis::Client::build_with_tls(url, tls_roots(roots)),
+            None => ::redis::Client::open(url),
+        }
     }
 
     fn conn(&self) -> Result<Conn, StoreError> {
@@ -293,7 +311,7 @@ impl RedisStore {
 
     async fn listen(&self) -> ::redis::RedisResult<()> {
         use futures_util::StreamExt;
-        let client = ::redis::Client::open(self.urls[0].as_str())?;
+        let client = self.client(&self.urls[0])?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub.subscribe(&self.channel).await?;
         let mut messages = pubsub.on_message();
@@ -332,10 +350,13 @@ impl RedisStore {
 
     async fn connect_cluster(self: Arc<Self>) {
         loop {
-            let built = ::redis::cluster::ClusterClient::builder(self.urls.clone())
+            let mut builder = ::redis::cluster::ClusterClient::builder(self.urls.clone())
                 .connection_timeout(OP_TIMEOUT)
-                .response_timeout(OP_TIMEOUT)
-                .build();
+                .response_timeout(OP_TIMEOUT);
+            if let Some(roots) = &self.roots {
+                builder = builder.certs(tls_roots(roots));
+            }
+            let built = builder.build();
             let connected = match built {
                 Ok(client) => client.get_async_connection().await,
                 Err(e) => Err(e),
@@ -358,18 +379,27 @@ impl RedisStore {
 
     /// `/readyz` reads the flag this sets: a probe never waits on Redis.
     async fn check_health(self: Arc<Self>) {
-        let mut warned = false;
+        let (mut warned, mut first) = (false, true);
         loop {
-            let ok = match self.conn() {
+            let answer = match self.conn() {
                 Ok(mut conn) => {
                     let ping = ::redis::cmd("PING");
                     let answer = ping.query_async::<String>(&mut conn);
-                    matches!(tokio::time::timeout(OP_TIMEOUT, answer).await, Ok(Ok(_)))
+                    match tokio::time::timeout(OP_TIMEOUT, answer).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(_) => Err(format!("no answer within {OP_TIMEOUT:?}")),
+                    }
                 }
-                Err(_) => false,
+                Err(e) => Err(e.to_string()),
             };
-            if self.ready.swap(ok, Ordering::AcqRel) != ok {
-                tracing::info!(ready = ok, "store readiness changed");
+            let ok = answer.is_ok();
+            let changed = self.ready.swap(ok, Ordering::AcqRel) != ok;
+            if changed || std::mem::take(&mut first) {
+                match &answer {
+                    Ok(()) => tracing::info!("store ready"),
+                    Err(e) => tracing::warn!(error = %e, "store not ready"),
+                }
             }
             if ok && !warned {
                 warned = true;
@@ -414,6 +444,13 @@ impl Drop for Unregister<'_> {
         {
             waiters.remove(&self.id);
         }
+    }
+}
+
+fn tls_roots(pem: &[u8]) -> ::redis::TlsCertificates {
+    ::redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem.to_vec()),
     }
 }
 
