@@ -418,7 +418,7 @@ async fn rediss_reaches_a_tls_redis_through_rustls_and_ring() {
         .port();
     let cert = tls.join("tls.crt");
     let key = tls.join("tls.key");
-    let redis = RedisServer::start_with(&[
+    let _redis = RedisServer::start_with(&[
         "--tls-port",
         &port.to_string(),
         "--tls-cert-file",
