@@ -154,6 +154,10 @@ impl ProxyError {
             let secs = retry_after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let ProxyError::StoreUnavailable = self {
+            // The store's own reconnect back-off is about a second: retry then.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        }
         if let ProxyError::Unauthorized = self {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -191,6 +191,7 @@ async fn redis_down_rejects_or_passes_per_on_error_and_dedupe_resumes() {
         .await;
     assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.code(), "store_unavailable");
+    assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(upstream.calls(), 0);
     let passed = c.post(&pass.url("/v1/orders"), &[(KEY, "down")], "x").await;
     assert_eq!(passed.status, StatusCode::CREATED);

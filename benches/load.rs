@@ -1,0 +1,88 @@
+//! The load harness: idemgate beside the nginx reverse proxy it replaces, on one machine,
+//! in one run. `cargo bench --bench load` installs wrk, nginx and redis-server when
+//! missing, starts an nginx upstream (one worker, answers 201), an nginx proxy
+//! (`worker_processes auto`, keep-alive upstream pool) and the release `idemgate` binary
+//! on the memory store and on Redis, runs every scenario three times with
+//! `wrk -t1 -c32 -d5s`, and prints the median req/s, p50 and p99 with ratios against nginx
+//! and against the direct upstream. Then the storm row (1,000 concurrent requests on one
+//! key, upstream taking 100 ms) and the memory row (1M records of 1 KiB).
+//!
+//! `IDEMGATE_LOAD_SECS` (default 5), `IDEMGATE_LOAD_RUNS` (default 3) and
+//! `IDEMGATE_LOAD_RECORDS` (default 1000000; 0 skips the memory row) shorten it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "load/mod.rs"]
+mod load;
+
+use load::*;
+
+fn main() {
+    for (cmd, package) in [
+        ("wrk", "wrk"),
+        ("nginx", "nginx"),
+        ("redis-server", "redis-server"),
+    ] {
+        ensure(cmd, package);
+    }
+    let secs = env_num("IDEMGATE_LOAD_SECS", 5);
+    let runs = env_num("IDEMGATE_LOAD_RUNS", 3);
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = Nginx::upstream(dir.path());
+    let nginx = Nginx::proxy(dir.path(), upstream.port);
+    let redis = Redis::start(dir.path());
+    let memory = Idemgate::start(
+        dir.path(),
+        "memory",
+        upstream.port,
+        "[store]\nmax_bytes = \"4GiB\"\n",
+    );
+    let shared = Idemgate::start(
+        dir.path(),
+        "redis",
+        upstream.port,
+        &format!(
+            "[store]\nbackend = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\n",
+            redis.port
+        ),
+    );
+    let scripts = Scripts::write(dir.path());
+    let targets = [
+        ("direct upstream", upstream.port),
+        ("nginx proxy", nginx.port),
+        ("idemgate (memory)", memory.port),
+        ("idemgate (redis)", shared.port),
+    ];
+    let scenarios = [
+        ("GET pass-through (no route)", &scripts.get, 3),
+        ("POST 1 KiB, new key each request", &scripts.new_key, 4),
+        ("POST 1 KiB, same key (replay)", &scripts.same_key, 4),
+    ];
+    println!(
+        "wrk -t1 -c32 -d{secs}s, median of {runs}; ratios against nginx and the direct upstream\n"
+    );
+    println!("| scenario | target | req/s | p50 | p99 | vs nginx | vs direct |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (name, script, count) in scenarios {
+        let results: Vec<Wrk> = targets[..count]
+            .iter()
+            .map(|(_, port)| median(runs, || wrk(*port, script, secs)))
+            .collect();
+        for ((target, _), r) in targets.iter().zip(&results) {
+            println!(
+                "| {name} | {target} | {:.0} | {} | {} | {:.2}x | {:.2}x |",
+                r.rps,
+                micros(r.p50_us),
+                micros(r.p99_us),
+                r.rps / results[1].rps,
+                r.rps / results[0].rps
+            );
+        }
+    }
+    println!();
+    storm(dir.path());
+    let records = env_num("IDEMGATE_LOAD_RECORDS", 1_000_000);
+    if records > 0 {
+        memory_row(dir.path(), &upstream, &scripts, records as u64, secs);
+    }
+}
