@@ -62,8 +62,14 @@ fn record() -> Record {
         fingerprint: Fingerprint([7; 32]),
         status: StatusCode::CREATED,
         headers: vec![
-            (http::header::CONTENT_TYPE, "application/json".parse().unwrap()),
-            (http::HeaderName::from_static("x-request-id"), "req-1234567890".parse().unwrap()),
+            (
+                http::header::CONTENT_TYPE,
+                "application/json".parse().unwrap(),
+            ),
+            (
+                http::HeaderName::from_static("x-request-id"),
+                "req-1234567890".parse().unwrap(),
+            ),
         ],
         body: Some(Bytes::from(vec![b'r'; 1024])),
     }
@@ -72,8 +78,12 @@ fn record() -> Record {
 fn encoding(c: &mut Criterion) {
     let r = record();
     let encoded = r.encode().unwrap();
-    c.bench_function("record encode 1 KiB", |b| b.iter(|| black_box(&r).encode().unwrap()));
-    c.bench_function("record decode 1 KiB", |b| b.iter(|| black_box(&encoded).decode().unwrap()));
+    c.bench_function("record encode 1 KiB", |b| {
+        b.iter(|| black_box(&r).encode().unwrap())
+    });
+    c.bench_function("record decode 1 KiB", |b| {
+        b.iter(|| black_box(&encoded).decode().unwrap())
+    });
 }
 
 /// One miss (begin, complete) and one replay (begin finds the record) per iteration.
@@ -87,7 +97,10 @@ fn store_round(rt: &tokio::runtime::Runtime, store: &Arc<dyn Store>, n: &mut u64
         let Begin::Claimed(claim) = store.clone().begin(id, fp, lease).await.unwrap() else {
             panic!("not free")
         };
-        claim.complete(encoded, Duration::from_secs(3600)).await.unwrap();
+        claim
+            .complete(encoded, Duration::from_secs(3600))
+            .await
+            .unwrap();
         let Begin::Completed(_) = store.clone().begin(id, fp, lease).await.unwrap() else {
             panic!("no replay")
         };
@@ -101,10 +114,21 @@ fn stores(c: &mut Criterion) {
     c.bench_function("store memory: begin + complete + replay", |b| {
         b.iter(|| store_round(&rt, &memory, &mut n))
     });
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let mut server = std::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .args(["--dir", dir.path().to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .spawn()

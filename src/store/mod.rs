@@ -53,10 +53,20 @@ pub struct Fingerprint(pub [u8; 32]);
 pub struct Token(pub [u8; 16]);
 
 impl Token {
+    /// Unpredictable and never repeated: a keyed blake3 of a counter, the key drawn from
+    /// the OS once per process (a getrandom syscall per claim showed on the miss path).
     pub fn random() -> Result<Self, StoreError> {
+        static KEY: std::sync::OnceLock<Option<[u8; 32]>> = std::sync::OnceLock::new();
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let key = KEY.get_or_init(|| {
+            let mut k = [0u8; 32];
+            getrandom::fill(&mut k).ok().map(|_| k)
+        });
+        let key = key.ok_or_else(|| StoreError::Unavailable("no randomness from the OS".into()))?;
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let hash = blake3::keyed_hash(&key, &n.to_le_bytes());
         let mut t = [0u8; 16];
-        getrandom::fill(&mut t)
-            .map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
+        t.copy_from_slice(&hash.as_bytes()[..16]);
         Ok(Token(t))
     }
 
