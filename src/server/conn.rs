@@ -227,7 +227,9 @@ async fn detect<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::Result<(bool, By
 
 /// The request line and header section as counted against `max_header_bytes`.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
+    let authority = req.uri().authority().map_or(0, |a| a.as_str().len());
+    let line = req.method().as_str().len() + target + authority + 12;
     let fields: usize = req
         .headers()
         .iter()
