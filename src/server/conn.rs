@@ -16,9 +16,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -238,14 +238,26 @@ fn head_size<B>(req: &Request<B>) -> usize {
     line + fields
 }
 
-/// Requests in progress on one connection, and when the last one ended; the
-/// connection is idle while none is in progress.
+/// Requests in progress on one connection, and when the last one ended (milliseconds
+/// since the connection began). Plain atomics: a request costs two increments and a clock
+/// read, and nothing is woken; the idle check wakes on its own timer.
 #[derive(Clone)]
-struct Activity(Arc<watch::Sender<(usize, Option<Instant>)>>);
+struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    began: Instant,
+    active: AtomicUsize,
+    /// `u64::MAX` until a first request has ended.
+    last_end_ms: AtomicU64,
+}
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity(Arc::new(watch::Sender::new((0, None))))
+        Activity(Arc::new(ActivityState {
+            began: Instant::now(),
+            active: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(u64::MAX),
+        }))
     }
 }
 
@@ -253,38 +265,34 @@ struct Active(Activity);
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0 .0.send_modify(|(n, since)| {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                *since = Some(Instant::now());
-            }
-        });
+        let state = &self.0 .0;
+        let ms = state.began.elapsed().as_millis() as u64;
+        state.last_end_ms.store(ms, Ordering::Release);
+        state.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 impl Activity {
     fn begin(&self) -> Active {
-        self.0.send_modify(|(n, _)| *n += 1);
+        self.0.active.fetch_add(1, Ordering::AcqRel);
         Active(self.clone())
     }
 
     /// Completes once the connection has had no request in progress for `every` since
     /// its last one ended, or, before its first request, at `first`.
     async fn idle(&self, first: Instant, every: Duration) {
-        let mut rx = self.0.subscribe();
+        let state = &self.0;
         loop {
-            let (active, since) = *rx.borrow_and_update();
-            let deadline = since.map_or(first, |t| t + every);
-            if active == 0
-                && tokio::time::timeout_at(deadline, rx.changed())
-                    .await
-                    .is_err()
-            {
+            let busy = state.active.load(Ordering::Acquire) > 0;
+            let deadline = match state.last_end_ms.load(Ordering::Acquire) {
+                _ if busy => Instant::now() + every,
+                u64::MAX => first,
+                ms => state.began + Duration::from_millis(ms) + every,
+            };
+            if !busy && Instant::now() >= deadline {
                 return;
             }
-            if active > 0 && rx.changed().await.is_err() {
-                return;
-            }
+            tokio::time::sleep_until(deadline).await;
         }
     }
 }
