@@ -7,8 +7,10 @@
 //! and against the direct upstream. Then the storm row (1,000 concurrent requests on one
 //! key, upstream taking 100 ms) and the memory row (1M records of 1 KiB).
 //!
-//! `IDEMGATE_LOAD_SECS` (default 5), `IDEMGATE_LOAD_RUNS` (default 3) and
-//! `IDEMGATE_LOAD_RECORDS` (default 1000000; 0 skips the memory row) shorten it.
+//! `IDEMGATE_LOAD_SECS` (default 5), `IDEMGATE_LOAD_RUNS` (default 3; 0 skips the table),
+//! `IDEMGATE_LOAD_STORM` (0 skips the storm) and `IDEMGATE_LOAD_RECORDS` (default 1000000;
+//! 0 skips the memory row) shorten it. `IDEMGATE_LOAD_ENV` adds `NAME=value` pairs
+//! (comma-separated) to the idemgate processes' environment, to measure a setting.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -63,7 +65,8 @@ fn main() {
     );
     println!("| scenario | target | req/s | p50 | p99 | vs nginx | vs direct |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
-    for (name, script, count) in scenarios {
+    // IDEMGATE_LOAD_RUNS=0 skips the table (for the storm and memory rows alone).
+    for (name, script, count) in scenarios.into_iter().filter(|_| runs > 0) {
         let results: Vec<Wrk> = targets[..count]
             .iter()
             .map(|(_, port)| median(runs, || wrk(*port, script, secs)))
@@ -80,7 +83,9 @@ fn main() {
         }
     }
     println!();
-    storm(dir.path());
+    if env_num("IDEMGATE_LOAD_STORM", 1) > 0 {
+        storm(dir.path());
+    }
     let records = env_num("IDEMGATE_LOAD_RECORDS", 1_000_000);
     if records > 0 {
         memory_row(dir.path(), &upstream, &scripts, records as u64, secs);

