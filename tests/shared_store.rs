@@ -49,6 +49,32 @@ async fn replicas(toml: &str, upstream: &str) -> (ProxyProcess, ProxyProcess) {
     (a, b)
 }
 
+/// `n` identical requests at once, alternating between the two replicas: every one must
+/// get 201 with the same body.
+async fn split_storm(
+    c: &Client,
+    (a, b): (&ProxyProcess, &ProxyProcess),
+    key: &'static str,
+    n: usize,
+) {
+    let storm: Vec<_> = (0..n)
+        .map(|i| {
+            let replica = if i % 2 == 0 { a } else { b };
+            spawn_post(c, &replica.url("/v1/orders"), &[(KEY, key)], "s")
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for s in storm {
+        let got = s.await.unwrap();
+        assert_eq!(got.status, StatusCode::CREATED, "{got:?}");
+        bodies.push(got.body);
+    }
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "the storm got different bodies"
+    );
+}
+
 async fn metric(p: &ProxyProcess, name: &str) -> f64 {
     let text = Client::new()
         .get(&format!("http://{}/metrics", p.admin.unwrap()))
@@ -73,30 +99,7 @@ async fn a_retry_on_the_other_replica_replays_and_a_split_storm_runs_once() {
     assert_eq!(retry.body, first.body);
     assert_eq!(upstream.calls(), 1);
     // 40 identical requests at once, alternating replicas.
-    let storm: Vec<_> = (0..40)
-        .map(|i| {
-            spawn_post(
-                &c,
-                &if i % 2 == 0 {
-                    a.url("/v1/orders")
-                } else {
-                    b.url("/v1/orders")
-                },
-                &[(KEY, "storm")],
-                "s",
-            )
-        })
-        .collect();
-    let mut bodies = Vec::new();
-    for s in storm {
-        let got = s.await.unwrap();
-        assert_eq!(got.status, StatusCode::CREATED, "{got:?}");
-        bodies.push(got.body);
-    }
-    assert!(
-        bodies.windows(2).all(|w| w[0] == w[1]),
-        "the storm got different bodies"
-    );
+    split_storm(&c, (&a, &b), "storm", 40).await;
     assert_eq!(upstream.calls(), 2, "the storm ran upstream more than once");
 }
 
@@ -374,25 +377,7 @@ async fn on_a_three_master_cluster_replicas_share_records() {
         assert_eq!(retry.body, first.body);
     }
     assert_eq!(upstream.calls(), 12);
-    let storm: Vec<_> = (0..20)
-        .map(|i| {
-            spawn_post(
-                &c,
-                &if i % 2 == 0 {
-                    a.url("/v1/orders")
-                } else {
-                    b.url("/v1/orders")
-                },
-                &[(KEY, "cluster-storm")],
-                "s",
-            )
-        })
-        .collect();
-    let mut bodies = Vec::new();
-    for s in storm {
-        bodies.push(s.await.unwrap().body);
-    }
-    assert!(bodies.windows(2).all(|w| w[0] == w[1]));
+    split_storm(&c, (&a, &b), "cluster-storm", 20).await;
     assert_eq!(upstream.calls(), 13);
 }
 

@@ -151,15 +151,6 @@ async fn send(c: &Client, url: &str, plan: &Plan, tally: &Tally) {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap();
-    line.trim().trim_end_matches("kB").trim().parse().unwrap()
-}
-
 /// One worker: new keys, a retry now and then, and every 50th key a storm.
 async fn worker(id: usize, url: String, until: Instant, tally: Arc<Tally>) {
     let c = Client::with_pool_idle(Duration::from_millis(400));
@@ -241,12 +232,12 @@ async fn soak_mixed_load_keeps_every_guarantee() {
     let idle = tokio::spawn(idle_sockets(proxy.addr, until));
     // Memory once warm (a third of the way, past the 3 s ttl) against memory at the end.
     tokio::time::sleep_until(started + Duration::from_secs(secs / 3)).await;
-    let warm = rss_kib(pid);
+    let warm = support::rss_kib(pid);
     for w in workers {
         w.await.unwrap();
     }
     let idle_closed = idle.await.unwrap();
-    let end = rss_kib(pid);
+    let end = support::rss_kib(pid);
     let executions = executions.lock().unwrap();
     let ran_twice: Vec<_> = executions.iter().filter(|(_, n)| **n > 1).collect();
     println!(

@@ -104,16 +104,6 @@ async fn records_expire_on_the_tokio_clock() {
 
 mod support;
 
-/// The real binary's resident memory in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .unwrap();
-    line.trim().trim_end_matches("kB").trim().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_process_grows_with_the_bound_not_with_the_records() {
     const MAX_MIB: u64 = 32;
@@ -148,14 +138,14 @@ async fn the_process_grows_with_the_bound_not_with_the_records() {
         }
     };
     send(0..1000).await;
-    let before = rss_kib(pid);
+    let before = support::rss_kib(pid);
     let workers: Vec<_> = (0..16)
         .map(|w| tokio::spawn(send(1000 + w * RECORDS / 16..1000 + (w + 1) * RECORDS / 16)))
         .collect();
     for w in workers {
         w.await.unwrap();
     }
-    let grew = rss_kib(pid).saturating_sub(before);
+    let grew = support::rss_kib(pid).saturating_sub(before);
     println!("{RECORDS} records of 1 KiB under max_bytes = {MAX_MIB}MiB: RSS grew {grew} KiB");
     assert!(
         grew <= MAX_MIB * 1024 * 3 / 2,

@@ -562,6 +562,11 @@ impl ProxyProcess {
         assert!(status.success(), "kill -{name} failed");
     }
 
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+
     /// Peak resident memory in KiB (`VmHWM`).
     pub fn peak_rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -640,4 +645,14 @@ pub async fn gated_echo() -> (FakeUpstream, Arc<Gate>) {
         release,
     };
     (upstream, Arc::new(gate))
+}
+
+/// A process's resident memory in KiB (`VmRSS`): what a bound is proven by.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap();
+    line.trim().trim_end_matches("kB").trim().parse().unwrap()
 }
