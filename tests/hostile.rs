@@ -414,3 +414,51 @@ async fn http2_connections_get_a_concurrent_stream_limit() {
     drop(conn);
     proxy.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_slow_reader_is_not_cut_off_by_the_idle_close() {
+    // A replay is handed to hyper whole: larger than the kernel's socket buffers on both
+    // ends, most of it waits in the proxy while the client drains it.
+    const LEN: usize = 48 << 20;
+    let upstream = FakeUpstream::buffered(|_, _| async {
+        let mut resp = Response::new(full(bytes::Bytes::from(vec![b'z'; LEN])));
+        *resp.status_mut() = StatusCode::CREATED;
+        resp
+    })
+    .await;
+    let toml = format!(
+        "[server]\nheader_read_timeout = \"300ms\"\n[store]\nmax_bytes = \"256MiB\"\n[idempotency]\nmax_stored_response = \"64MiB\"\n{ORDERS}"
+    );
+    let proxy = TestProxy::start(&toml, &upstream.url()).await;
+    let first = Client::new()
+        .post(&proxy.url("/v1/orders"), &[("idempotency-key", "big")], "x")
+        .await;
+    assert_eq!(first.body.len(), LEN);
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let req = "POST /v1/orders HTTP/1.1\r\nHost: x\r\nIdempotency-Key: big\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx";
+    s.write_all(req.as_bytes()).await.unwrap();
+    // At most 1 MiB every 20 ms: slower than the proxy can write, for longer than
+    // header_read_timeout, but always making progress.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        pace.tick().await;
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(
+        got.starts_with(b"HTTP/1.1 201"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..head_end])
+    );
+    assert_eq!(got.len() - head_end, LEN, "the replay was cut short");
+    assert_eq!(upstream.calls(), 1);
+    proxy.shutdown().await;
+}

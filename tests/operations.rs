@@ -25,6 +25,7 @@ max_bytes = "4KiB"
 
 [idempotency]
 concurrent = "wait"
+max_stored_response = "2KiB"
 
 [[routes]]
 name = "orders"

@@ -19,6 +19,9 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
     let defaults = Arc::new(policy(r, &idem, &Policy::default()));
     let routes = super::routes::routes(r, root, &defaults);
     let record_api = record_api(r, root);
+    if let Some(store) = &store {
+        record_must_fit(r, root, store, &defaults, &routes);
+    }
     r.finish();
     if !r.errors.is_empty() {
         return None;
@@ -31,6 +34,34 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
         routes,
         record_api,
     })
+}
+
+/// On the memory store a record larger than `max_bytes` is evicted the moment it is
+/// stored, so its retry runs again: refuse a `max_stored_response` that cannot fit.
+fn record_must_fit(
+    r: &mut Reader,
+    root: &Section,
+    store: &StoreConfig,
+    defaults: &Policy,
+    routes: &[Route],
+) {
+    if store.backend != Backend::Memory {
+        return;
+    }
+    let largest = routes
+        .iter()
+        .map(|route| route.policy.max_stored_response)
+        .chain([defaults.max_stored_response])
+        .max()
+        .unwrap_or(0);
+    if largest >= store.max_bytes {
+        let span = root.get("store").map_or(root.span.clone(), |n| n.span);
+        let msg = format!(
+            "{} bytes cannot hold a response of max_stored_response ({largest} bytes): it would be evicted as soon as it is recorded; raise max_bytes or lower max_stored_response",
+            store.max_bytes
+        );
+        r.error("store.max_bytes", &span, msg);
+    }
 }
 
 const MS: Duration = Duration::from_millis(1);

@@ -109,6 +109,8 @@ async fn decide(
         let lease = store.claim_lease();
         let begin = match store.begin(id, fp, lease).await {
             Ok(b) => b,
+            // A duplicate is in flight somewhere: never pass this one around the store.
+            Err(_) if waited => return refuse(ProxyError::StoreUnavailable, Some(id)),
             Err(e) => return store_failed(proxy, config, e, request, id).await,
         };
         match begin {
@@ -146,11 +148,14 @@ async fn decide(
                 let _waiting = proxy.inner.metrics.waiting(&route.name);
                 match tokio::time::timeout_at(deadline, waiter.wait()).await {
                     Err(_) => return refuse(busy, Some(id)),
-                    Ok(Woke::Failed(e)) => {
-                        return store_failed(proxy, config, e, request, id).await
+                    // Completed, released, lapsed or a failed poll: begin again decides,
+                    // fingerprint included (a store still down then answers 503).
+                    Ok(woke) => {
+                        if let Woke::Failed(e) = woke {
+                            tracing::warn!(record = %id.short(), error = %e, "waiting on the store failed; asking again");
+                        }
+                        waited = true;
                     }
-                    // Completed, released or lapsed: begin again decides, fingerprint included.
-                    Ok(_) => waited = true,
                 }
             }
         }

@@ -16,13 +16,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::activity::{Active, Activity, Touching};
 use super::io::{OwnBareAnswers, ParserAnswers, Rewind};
 use crate::body::{Body, BoxError};
 use crate::config::ServerConfig;
@@ -131,7 +131,7 @@ impl Conn {
                 return tracing::debug!(peer = %self.info.peer, "no request within header_read_timeout")
             }
         };
-        let io = Rewind::new(prefix, io);
+        let io = Touching::new(Rewind::new(prefix, io), self.activity.clone());
         let own = OwnBareAnswers::default();
         let service = self.service(own.clone());
         let settings = self.settings.clone();
@@ -236,65 +236,6 @@ fn head_size<B>(req: &Request<B>) -> usize {
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     line + fields
-}
-
-/// Requests in progress on one connection, and when the last one ended (milliseconds
-/// since the connection began). Plain atomics: a request costs two increments and a clock
-/// read, and nothing is woken; the idle check wakes on its own timer.
-#[derive(Clone)]
-struct Activity(Arc<ActivityState>);
-
-struct ActivityState {
-    began: Instant,
-    active: AtomicUsize,
-    /// `u64::MAX` until a first request has ended.
-    last_end_ms: AtomicU64,
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Activity(Arc::new(ActivityState {
-            began: Instant::now(),
-            active: AtomicUsize::new(0),
-            last_end_ms: AtomicU64::new(u64::MAX),
-        }))
-    }
-}
-
-struct Active(Activity);
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        let state = &self.0 .0;
-        let ms = state.began.elapsed().as_millis() as u64;
-        state.last_end_ms.store(ms, Ordering::Release);
-        state.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Activity {
-    fn begin(&self) -> Active {
-        self.0.active.fetch_add(1, Ordering::AcqRel);
-        Active(self.clone())
-    }
-
-    /// Completes once the connection has had no request in progress for `every` since
-    /// its last one ended, or, before its first request, at `first`.
-    async fn idle(&self, first: Instant, every: Duration) {
-        let state = &self.0;
-        loop {
-            let busy = state.active.load(Ordering::Acquire) > 0;
-            let deadline = match state.last_end_ms.load(Ordering::Acquire) {
-                _ if busy => Instant::now() + every,
-                u64::MAX => first,
-                ms => state.began + Duration::from_millis(ms) + every,
-            };
-            if !busy && Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
 }
 
 /// A response body that keeps its request counted as active until it is fully sent.

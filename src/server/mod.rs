@@ -2,6 +2,7 @@
 //! knowledge on plain TCP, ALPN on TLS), and graceful drain. What happens on one
 //! connection (deadlines, protocol, idle close) is in [`conn`].
 
+mod activity;
 pub mod admin;
 mod conn;
 pub mod http1;

@@ -68,7 +68,23 @@ pub struct MemoryStore {
     bytes: Arc<AtomicU64>,
     evicted_early: Arc<AtomicU64>,
     lease_lost: AtomicU64,
+    /// Counts begins, to sweep lapsed leases now and then.
+    begins: AtomicU64,
     background: TaskTracker,
+}
+
+/// Lapsed leases are swept every this many begins, so locks abandoned by record-API
+/// workers that died do not pile up (each id's own next begin also frees it).
+const SWEEP_EVERY: u64 = 1024;
+
+fn sweep_lapsed(inflight: &mut HashMap<RecordId, InFlight>, now: Instant) {
+    inflight.retain(|_, f| {
+        let lapsed = f.lapsed(now);
+        if lapsed {
+            f.wake.send_replace(Some(Woke::LeaseExpired));
+        }
+        !lapsed
+    });
 }
 
 impl MemoryStore {
@@ -95,6 +111,7 @@ impl MemoryStore {
             bytes,
             evicted_early,
             lease_lost: AtomicU64::new(0),
+            begins: AtomicU64::new(0),
             background: TaskTracker::new(),
         })
     }
@@ -112,6 +129,9 @@ impl MemoryStore {
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
         let mut inflight = self.lock();
+        if self.begins.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == 0 {
+            sweep_lapsed(&mut inflight, now);
+        }
         match inflight.get(&id) {
             Some(f) if f.lapsed(now) => {
                 if let Some(old) = inflight.remove(&id) {
@@ -156,9 +176,11 @@ impl MemoryStore {
         id: RecordId,
         token: Token,
     ) -> Result<InFlight, StoreError> {
-        let owned = inflight
-            .get(&id)
-            .is_some_and(|f| f.token == token && !f.lapsed(Instant::now()));
+        let now = Instant::now();
+        if inflight.get(&id).is_some_and(|f| f.lapsed(now)) {
+            sweep_lapsed(inflight, now);
+        }
+        let owned = inflight.get(&id).is_some_and(|f| f.token == token);
         match owned.then(|| inflight.remove(&id)).flatten() {
             Some(f) => Ok(f),
             None => {

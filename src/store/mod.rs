@@ -56,13 +56,18 @@ impl Token {
     /// Unpredictable and never repeated: a keyed blake3 of a counter, the key drawn from
     /// the OS once per process (a getrandom syscall per claim showed on the miss path).
     pub fn random() -> Result<Self, StoreError> {
-        static KEY: std::sync::OnceLock<Option<[u8; 32]>> = std::sync::OnceLock::new();
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let key = KEY.get_or_init(|| {
-            let mut k = [0u8; 32];
-            getrandom::fill(&mut k).ok().map(|_| k)
-        });
-        let key = key.ok_or_else(|| StoreError::Unavailable("no randomness from the OS".into()))?;
+        let key = match KEY.get() {
+            Some(k) => *k,
+            None => {
+                // A failure is not remembered: the next claim asks the OS again.
+                let mut k = [0u8; 32];
+                getrandom::fill(&mut k)
+                    .map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
+                *KEY.get_or_init(|| k)
+            }
+        };
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let hash = blake3::keyed_hash(&key, &n.to_le_bytes());
         let mut t = [0u8; 16];

@@ -268,7 +268,11 @@ impl RedisStore {
                 .or_insert_with(|| watch::channel(None).0)
                 .subscribe()
         };
-        let _unregister = Unregister { store: &self, id };
+        let _unregister = Unregister {
+            store: &self,
+            id,
+            rx: rx.clone(),
+        };
         let (_, lock) = self.keys(id);
         loop {
             // Subscribed first, then checked: a completion in between is not missed.
@@ -285,10 +289,14 @@ impl RedisStore {
                 Ok(Err(e)) => return Woke::Failed(unavailable(e)),
                 Err(_) => return Woke::Failed(unavailable("no answer")),
             }
-            if let Ok(Ok(woke)) =
-                tokio::time::timeout(WAIT_POLL, rx.wait_for(Option::is_some)).await
-            {
-                return woke.clone().unwrap_or(Woke::Released);
+            let woke = tokio::time::timeout(WAIT_POLL, rx.wait_for(Option::is_some))
+                .await
+                .map(|r| r.map(|w| w.clone()));
+            match woke {
+                Ok(Ok(woke)) => return woke.unwrap_or(Woke::Released),
+                // The channel is gone (delivered to someone else): poll, never spin.
+                Ok(Err(_)) => tokio::time::sleep(WAIT_POLL).await,
+                Err(_) => {}
             }
         }
     }
@@ -429,19 +437,22 @@ impl RedisStore {
     }
 }
 
-/// Drops a waiter's registration when it is the last one for its id.
+/// Drops a waiter's registration when it is the last one on its own channel (a newer
+/// channel for the same id, made after this one was delivered, is left alone).
 struct Unregister<'a> {
     store: &'a RedisStore,
     id: RecordId,
+    rx: watch::Receiver<Option<Woke>>,
 }
 
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         let mut waiters = self.store.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if waiters
-            .get(&self.id)
-            .is_some_and(|tx| tx.receiver_count() <= 1)
-        {
+        let ours_and_last = waiters.get(&self.id).is_some_and(|tx| {
+            // This guard and the waiter's own receiver are the last two.
+            self.rx.same_channel(&tx.subscribe()) && tx.receiver_count() <= 3
+        });
+        if ours_and_last {
             waiters.remove(&self.id);
         }
     }
