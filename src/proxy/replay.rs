@@ -1,7 +1,5 @@
 //! Answers built from a record: the recorded status, headers (less
-//! `replay_drop_headers`) and body, a fresh `Date`, and `replayed_header: true`.
-
-use std::time::SystemTime;
+//! `replay_drop_headers`) and body, a fresh `Date` (hyper's), and `replayed_header: true`.
 
 use http::{header, HeaderValue, Response};
 
@@ -44,12 +42,10 @@ pub fn duplicate(d: &DuplicateResponse, policy: &Policy) -> Response<Body> {
     resp
 }
 
+/// The fresh `Date` is hyper's: records never keep one, and the server adds the current
+/// one (cached per second) to every answer, so it is not formatted here per replay.
 fn mark_replayed(resp: &mut Response<Body>, policy: &Policy) {
     let headers = resp.headers_mut();
-    let now = httpdate::fmt_http_date(SystemTime::now());
-    if let Ok(date) = HeaderValue::from_str(&now) {
-        headers.insert(header::DATE, date);
-    }
     headers.insert(
         policy.replayed_header.clone(),
         HeaderValue::from_static("true"),
