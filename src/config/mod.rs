@@ -5,6 +5,7 @@ pub mod model;
 pub mod pattern;
 pub mod raw;
 mod routes;
+mod store;
 mod validate;
 pub mod values;
 

@@ -14,13 +14,13 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
     let root = &r.root(doc);
     let server = server(r, root);
     let upstream = upstream(r, root);
-    let store = store(r, root);
+    let store = super::store::store(r, root);
     let idem = r.section("idempotency", root.get("idempotency"));
     let defaults = Arc::new(policy(r, &idem, &Policy::default()));
     let routes = super::routes::routes(r, root, &defaults);
     let record_api = record_api(r, root);
     if let Some(store) = &store {
-        record_must_fit(r, root, store, &defaults, &routes);
+        super::store::record_must_fit(r, root, store, &defaults, &routes);
     }
     r.finish();
     if !r.errors.is_empty() {
@@ -36,41 +36,13 @@ pub fn config(r: &mut Reader, doc: &toml::Spanned<toml::de::DeTable>) -> Option<
     })
 }
 
-/// On the memory store a record larger than `max_bytes` is evicted the moment it is
-/// stored, so its retry runs again: refuse a `max_stored_response` that cannot fit.
-fn record_must_fit(
-    r: &mut Reader,
-    root: &Section,
-    store: &StoreConfig,
-    defaults: &Policy,
-    routes: &[Route],
-) {
-    if store.backend != Backend::Memory {
-        return;
-    }
-    let largest = routes
-        .iter()
-        .map(|route| route.policy.max_stored_response)
-        .chain([defaults.max_stored_response])
-        .max()
-        .unwrap_or(0);
-    if largest >= store.max_bytes {
-        let span = root.get("store").map_or(root.span.clone(), |n| n.span);
-        let msg = format!(
-            "{} bytes cannot hold a response of max_stored_response ({largest} bytes): it would be evicted as soon as it is recorded; raise max_bytes or lower max_stored_response",
-            store.max_bytes
-        );
-        r.error("store.max_bytes", &span, msg);
-    }
-}
-
-const MS: Duration = Duration::from_millis(1);
-const HOUR: Duration = Duration::from_secs(3600);
+pub(super) const MS: Duration = Duration::from_millis(1);
+pub(super) const HOUR: Duration = Duration::from_secs(3600);
 /// humantime's year (365.25 days), so the range prints as "1year".
-const YEAR: Duration = Duration::from_secs(31_557_600);
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
+pub(super) const YEAR: Duration = Duration::from_secs(31_557_600);
+pub(super) const KIB: u64 = 1 << 10;
+pub(super) const MIB: u64 = 1 << 20;
+pub(super) const GIB: u64 = 1 << 30;
 
 fn server(r: &mut Reader, root: &Section) -> Option<ServerConfig> {
     let s = r.section("server", root.get("server"));
@@ -123,7 +95,7 @@ fn tls(r: &mut Reader, server: &Section) -> Option<Option<TlsFiles>> {
 }
 
 /// A duration key within `range`, or `default_secs` when absent.
-fn dur(
+pub(super) fn dur(
     r: &mut Reader,
     sec: &Section,
     key: &str,
@@ -134,7 +106,7 @@ fn dur(
 }
 
 /// A PEM certificate file, loaded now so `check` fails where `run` would.
-fn pem_file(r: &mut Reader, path: &str, node: &Node) -> Option<PathBuf> {
+pub(super) fn pem_file(r: &mut Reader, path: &str, node: &Node) -> Option<PathBuf> {
     let file = PathBuf::from(r.string(path, node)?);
     match crate::proxy::forward::load_roots(&file) {
         Ok(_) => Some(file),
@@ -189,62 +161,6 @@ fn upstream_url(r: &mut Reader, path: &str, node: &Node) -> Option<Uri> {
     };
     r.error(path, &node.span, format!("{s:?}: {problem}"));
     None
-}
-
-/// One `redis://` or `rediss://` URL, or a list of them (a Cluster's nodes).
-fn redis_urls(r: &mut Reader, path: &str, node: &Node) -> Option<RedisUrls> {
-    let one = |r: &mut Reader, p: &str, n: &Node| -> Option<String> {
-        let s = r.string(p, n)?;
-        let scheme_ok = s.starts_with("redis://") || s.starts_with("rediss://");
-        if !scheme_ok || redis::Client::open(s.as_str()).is_err() {
-            let shown = mask_url(&s);
-            r.error(
-                p,
-                &n.span,
-                format!("{shown:?} is not a redis:// or rediss:// URL"),
-            );
-            return None;
-        }
-        Some(s)
-    };
-    let urls = match node.value {
-        toml::de::DeValue::Array(_) => list(r, path, node, one)?,
-        _ => vec![one(r, path, node)?],
-    };
-    if urls.is_empty() {
-        r.error(path, &node.span, "must list at least one node URL");
-        return None;
-    }
-    Some(RedisUrls::new(urls))
-}
-
-fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
-    let s = r.section("store", root.get("store"));
-    let backends = [("memory", Backend::Memory), ("redis", Backend::Redis)];
-    let backend =
-        opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
-    let url = opt(r, &s, "url", redis_urls);
-    if backend == Backend::Redis && s.get("url").is_none() {
-        r.error(
-            &s.key_path("url"),
-            &s.span.clone(),
-            "required when backend = \"redis\"",
-        );
-    }
-    let on_error = [
-        ("reject", OnStoreError::Reject),
-        ("pass", OnStoreError::Pass),
-    ];
-    Some(StoreConfig {
-        backend,
-        max_bytes: opt(r, &s, "max_bytes", size_in(KIB, 1 << 40)).unwrap_or(256 * MIB),
-        urls: url,
-        ca_file: opt(r, &s, "ca_file", pem_file),
-        prefix: opt(r, &s, "prefix", string).unwrap_or_else(|| "idemgate:".into()),
-        lock_lease: dur(r, &s, "lock_lease", (MS, HOUR), 30),
-        on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error))
-            .unwrap_or(OnStoreError::Reject),
-    })
 }
 
 /// Reads every `[idempotency]` key present in `sec` on top of `base`.

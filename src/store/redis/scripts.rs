@@ -1,0 +1,56 @@
+//! The Lua scripts that make each step atomic on Redis. Each acts only while the lock
+//! value still starts with the caller's token (32 hex characters; the request's
+//! fingerprint follows), so a stale owner can never overwrite a newer record.
+
+use ::redis::Script;
+
+const BEGIN: &str = r#"
+local rec = redis.call('GET', KEYS[1])
+if rec then return {1, rec} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+local holder = redis.call('GET', KEYS[2])
+if not holder then return {3} end
+return {2, holder, redis.call('PTTL', KEYS[2])}
+"#;
+
+const RENEW: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 32) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
+const COMPLETE: &str = r#"
+local v = redis.call('GET', KEYS[2])
+if not v or string.sub(v, 1, 32) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"#;
+
+const RELEASE: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 32) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"#;
+
+pub(super) struct Scripts {
+    pub(super) begin: Script,
+    pub(super) renew: Script,
+    pub(super) complete: Script,
+    pub(super) release: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Scripts {
+            begin: Script::new(BEGIN),
+            renew: Script::new(RENEW),
+            complete: Script::new(COMPLETE),
+            release: Script::new(RELEASE),
+        }
+    }
+}
