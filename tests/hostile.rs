@@ -66,7 +66,9 @@ fn problem_code(raw: &str, status: u16) -> String {
 #[tokio::test]
 async fn idle_and_half_open_connections_are_closed_and_cannot_lock_out_clients() {
     let upstream = FakeUpstream::echo().await;
-    let toml = format!("[server]\nmax_connections = 4\nheader_read_timeout = \"300ms\"\n{ORDERS}");
+    // Long enough that the four idle sockets are still open while the checks below run on
+    // a loaded machine; short enough to wait for their close.
+    let toml = format!("[server]\nmax_connections = 4\nheader_read_timeout = \"1500ms\"\n{ORDERS}");
     let proxy = TestProxy::start(&toml, &upstream.url()).await;
     let admin = format!("http://{}/readyz", proxy.admin.unwrap());
     let c = Client::new();
@@ -427,7 +429,7 @@ async fn a_slow_reader_is_not_cut_off_by_the_idle_close() {
     })
     .await;
     let toml = format!(
-        "[server]\nheader_read_timeout = \"300ms\"\n[store]\nmax_bytes = \"256MiB\"\n[idempotency]\nmax_stored_response = \"64MiB\"\n{ORDERS}"
+        "[server]\nheader_read_timeout = \"700ms\"\n[store]\nmax_bytes = \"256MiB\"\n[idempotency]\nmax_stored_response = \"64MiB\"\n{ORDERS}"
     );
     let proxy = TestProxy::start(&toml, &upstream.url()).await;
     let first = Client::new()
