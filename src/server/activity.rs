@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -73,16 +74,22 @@ impl Activity {
     }
 }
 
-/// The client IO, noting every write that made progress: a response still draining to a
-/// slow reader keeps its connection from counting as idle.
-pub struct Touching<IO> {
+/// The client IO as hyper sees it: the bytes read to tell HTTP/2 from HTTP/1 are handed
+/// back first, and every write that made progress is noted, so a response still draining
+/// to a slow reader keeps its connection from counting as idle.
+pub struct ClientIo<IO> {
+    prefix: Bytes,
     inner: IO,
     activity: Activity,
 }
 
-impl<IO> Touching<IO> {
-    pub fn new(inner: IO, activity: Activity) -> Self {
-        Touching { inner, activity }
+impl<IO> ClientIo<IO> {
+    pub fn new(prefix: Bytes, inner: IO, activity: Activity) -> Self {
+        ClientIo {
+            prefix,
+            inner,
+            activity,
+        }
     }
 
     fn note(&self, written: &Poll<std::io::Result<usize>>) {
@@ -94,17 +101,23 @@ impl<IO> Touching<IO> {
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Touching<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for ClientIo<IO> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Touching<IO> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for ClientIo<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::activity::{Active, Activity, Touching};
-use super::io::{OwnBareAnswers, ParserAnswers, Rewind};
+use super::activity::{Active, Activity, ClientIo};
+use super::io::{OwnBareAnswers, ParserAnswers};
 use crate::body::{Body, BoxError};
 use crate::config::ServerConfig;
 use crate::error::ProxyError;
@@ -131,14 +131,15 @@ impl Conn {
                 return tracing::debug!(peer = %self.info.peer, "no request within header_read_timeout")
             }
         };
-        let io = Touching::new(Rewind::new(prefix, io), self.activity.clone());
-        let own = OwnBareAnswers::default();
-        let service = self.service(own.clone());
+        let io = ClientIo::new(prefix, io, self.activity.clone());
         let settings = self.settings.clone();
         if h2 {
+            let service = self.service(Proto::Http2(settings.max_header_bytes));
             let conn = settings.h2.serve_connection(TokioIo::new(io), service);
             self.drive(conn, true).await
         } else {
+            let own = OwnBareAnswers::default();
+            let service = self.service(Proto::Http1(own.clone()));
             let io = ParserAnswers::new(io, own);
             let conn = settings.h1.serve_connection(TokioIo::new(io), service);
             self.drive(conn, false).await
@@ -147,7 +148,7 @@ impl Conn {
 
     fn service(
         &self,
-        own: OwnBareAnswers,
+        proto: Proto,
     ) -> impl hyper::service::Service<
         Request<Incoming>,
         Response = Response<Tracked>,
@@ -155,16 +156,19 @@ impl Conn {
         Future = impl std::future::Future<Output = Result<Response<Tracked>, Infallible>> + Send,
     > + Clone {
         let (proxy, info, activity) = (self.proxy.clone(), self.info, self.activity.clone());
-        let limit = self.settings.max_header_bytes;
         service_fn(move |req: Request<Incoming>| {
             let guard = activity.begin();
-            let (proxy, own) = (proxy.clone(), own.clone());
+            let (proxy, proto) = (proxy.clone(), proto.clone());
             async move {
-                let resp = match head_size(&req) > limit {
-                    true => ProxyError::HeadersTooLarge.into_response(),
-                    false => proxy.handle(req, info).await,
+                let resp = match proto {
+                    Proto::Http2(limit) if head_size(&req) > limit => {
+                        ProxyError::HeadersTooLarge.into_response()
+                    }
+                    _ => proxy.handle(req, info).await,
                 };
-                own.note(resp.status(), resp.body().size_hint().exact());
+                if let Proto::Http1(own) = &proto {
+                    own.note(resp.status(), resp.body().size_hint().exact());
+                }
                 Ok::<_, Infallible>(resp.map(|body| Tracked {
                     body,
                     _active: guard,
@@ -208,6 +212,15 @@ impl Conn {
     }
 }
 
+/// What the service must do beyond the proxy for one protocol: on HTTP/1 hyper enforces
+/// the head limit itself and its bare answers are rewritten, so the service notes its own
+/// bodiless 400/414/431s; on HTTP/2 the service checks the head size.
+#[derive(Clone)]
+enum Proto {
+    Http1(OwnBareAnswers),
+    Http2(usize),
+}
+
 /// Reads just enough to tell the HTTP/2 preface from an HTTP/1 request line.
 async fn detect<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::Result<(bool, Bytes)> {
     let mut buf = [0u8; H2_PREFACE.len()];
@@ -225,7 +238,8 @@ async fn detect<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::Result<(bool, By
     Ok((true, Bytes::copy_from_slice(&buf)))
 }
 
-/// The request line and header section as counted against `max_header_bytes`.
+/// An HTTP/2 request's pseudo-headers and header list as counted against
+/// `max_header_bytes` (HTTP/1 heads are measured on the wire by hyper).
 fn head_size<B>(req: &Request<B>) -> usize {
     let target = req.uri().path_and_query().map_or(1, |pq| pq.as_str().len());
     let authority = req.uri().authority().map_or(0, |a| a.as_str().len());

@@ -1,6 +1,5 @@
-//! Byte-level wrappers around a client connection: [`Rewind`] hands back the bytes read
-//! to tell HTTP/2 from HTTP/1, and [`ParserAnswers`] turns the bare 400/414/431 that
-//! hyper's HTTP/1 parser writes on its own into problem+json like every other answer.
+//! [`ParserAnswers`] turns the bare 400/414/431 that hyper's HTTP/1 parser writes on its
+//! own into problem+json like every other answer.
 
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -13,60 +12,6 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::ProxyError;
-
-/// An IO whose first bytes were already read; they are read again first.
-pub struct Rewind<IO> {
-    prefix: Bytes,
-    inner: IO,
-}
-
-impl<IO> Rewind<IO> {
-    pub fn new(prefix: Bytes, inner: IO) -> Self {
-        Rewind { prefix, inner }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 /// How many bodiless 400/414/431 responses the service itself handed to hyper on this
 /// connection and hyper has not written yet. Such a response (an upstream's own bare
