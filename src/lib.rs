@@ -89,7 +89,7 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    run_with_reloads(config, listeners, shutdown, None).await
+    run_with_reloads(config, listeners, shutdown, None, None).await
 }
 
 /// [`run`], also applying every config that arrives on `reloads` ([`reload::apply`]).
@@ -102,6 +102,7 @@ pub async fn run_with_reloads(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
     reloads: Option<tokio::sync::mpsc::UnboundedReceiver<Config>>,
+    threads: Option<usize>,
 ) -> Result<(), String> {
     let config = Arc::new(config);
     let upstream = Upstream::new(&config.upstream)?;
@@ -144,14 +145,30 @@ pub async fn run_with_reloads(
             side_stop.clone(),
         ));
     }
-    let serving = tokio::spawn(server::serve(
-        listeners.proxy,
-        tls,
-        proxy,
-        config.server.clone(),
-        connections,
-        proxy_stop,
-    ));
+    let serving = match threads {
+        None => tokio::spawn(server::serve(
+            listeners.proxy,
+            tls,
+            proxy,
+            config.server.clone(),
+            connections,
+            proxy_stop,
+        )),
+        Some(count) => {
+            let shared = server::workers::Shared {
+                tls,
+                proxy,
+                upstream: config.upstream.clone(),
+                server: config.server.clone(),
+                connections,
+                stop: proxy_stop,
+                tasks: tasks.clone(),
+                background: store_handle.background().clone(),
+            };
+            let workers = server::workers::Workers::start(count, shared)?;
+            tokio::spawn(workers.accept(listeners.proxy))
+        }
+    };
     shutdown.await;
     tracing::info!("shutting down: draining connections");
     admin_state.draining.store(true, Ordering::Release);
@@ -208,7 +225,15 @@ pub async fn serve_until_signalled(
         config = ?config_path,
         "idemgate listening"
     );
-    run_with_reloads(config, listeners, signals::terminate(), reloads).await
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    run_with_reloads(
+        config,
+        listeners,
+        signals::terminate(),
+        reloads,
+        Some(threads),
+    )
+    .await
 }
 
 mod signals {

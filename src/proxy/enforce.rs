@@ -76,7 +76,7 @@ pub async fn handle(
     };
     let id = fingerprint::record_id(policy, &parts.headers, &key);
     let fp = fingerprint::fingerprint(policy, &parts, &body);
-    headers::to_upstream(&mut parts, &conn, &proxy.inner.upstream.base);
+    headers::to_upstream(&mut parts, &conn, &proxy.upstream.base);
     decide(
         proxy,
         config,
@@ -172,7 +172,7 @@ async fn run(
     let id = claim.id();
     let exchange = Exchange {
         _inflight: proxy.inner.metrics.inflight(&route.name),
-        upstream: proxy.inner.upstream.clone(),
+        upstream: proxy.upstream.clone(),
         policy: Arc::clone(&route.policy),
         fingerprint: fp,
         claim,

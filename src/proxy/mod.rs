@@ -32,12 +32,14 @@ use outcome::{Outcome, Report};
 #[derive(Clone)]
 pub struct Proxy {
     inner: Arc<Inner>,
+    /// The upstream connection pool; each serving thread has its own (see
+    /// [`Proxy::with_upstream`]), so an exchange never hops threads.
+    upstream: Upstream,
 }
 
 struct Inner {
     /// Swapped whole on reload, so a request sees one consistent config.
     config: ArcSwap<Config>,
-    upstream: Upstream,
     store: Arc<dyn Store>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Upstream exchanges detached from their client connection.
@@ -55,11 +57,19 @@ impl Proxy {
         Proxy {
             inner: Arc::new(Inner {
                 config: ArcSwap::new(config),
-                upstream,
                 store,
                 metrics,
                 tasks,
             }),
+            upstream,
+        }
+    }
+
+    /// The same proxy (config, store, metrics, reloads) over another upstream pool.
+    pub fn with_upstream(&self, upstream: Upstream) -> Self {
+        Proxy {
+            inner: self.inner.clone(),
+            upstream,
         }
     }
 
@@ -93,7 +103,7 @@ impl Proxy {
         conn: ConnInfo,
     ) -> (Response<Body>, Report) {
         let (mut parts, incoming) = req.into_parts();
-        headers::to_upstream(&mut parts, &conn, &self.inner.upstream.base);
+        headers::to_upstream(&mut parts, &conn, &self.upstream.base);
         let (incoming, client_failed) = body::ClientBody::new(incoming);
         let (response, mut report) = self
             .send_prepared(Request::from_parts(parts, body::stream(incoming)))
@@ -115,14 +125,14 @@ impl Proxy {
         body: Bytes,
         conn: ConnInfo,
     ) -> (Response<Body>, Report) {
-        headers::to_upstream(&mut parts, &conn, &self.inner.upstream.base);
+        headers::to_upstream(&mut parts, &conn, &self.upstream.base);
         self.send_prepared(Request::from_parts(parts, body::full(body)))
             .await
     }
 
     async fn send_prepared(&self, req: Request<Body>) -> (Response<Body>, Report) {
         let started = tokio::time::Instant::now();
-        let result = self.inner.upstream.send(req).await;
+        let result = self.upstream.send(req).await;
         let mut report = Report {
             outcome: Some(Outcome::Passthrough),
             record: None,

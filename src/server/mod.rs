@@ -8,6 +8,7 @@ mod conn;
 pub mod http1;
 mod io;
 pub mod tls;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -91,34 +92,83 @@ pub async fn serve(
     connections: Arc<Connections>,
     stop: CancellationToken,
 ) {
-    let settings = Arc::new(conn::Settings::new(&config));
-    let open = TaskTracker::new();
-    while let Some((stream, peer)) = accept(&listener, "proxy", &stop).await {
-        let Ok(permit) = connections.permits.clone().try_acquire_owned() else {
-            // Full: close at once, so the client learns now instead of hanging.
-            connections.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, "connection refused: server.max_connections reached");
-            drop(stream);
-            continue;
-        };
+    let handler = Handler::new(tls, proxy, &config, stop.clone());
+    while let Some((stream, peer, permit)) = admit(&listener, &connections, &stop).await {
+        handler.spawn(stream, peer, permit);
+    }
+    drop(listener);
+    handler.drain(config.shutdown_grace).await;
+}
+
+/// The next accepted connection that got a `max_connections` slot; one over the limit is
+/// closed at once, so its client learns now instead of hanging.
+pub async fn admit(
+    listener: &TcpListener,
+    connections: &Connections,
+    stop: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    loop {
+        let (stream, peer) = accept(listener, "proxy", stop).await?;
+        match connections.permits.clone().try_acquire_owned() {
+            Ok(permit) => return Some((stream, peer, permit)),
+            Err(_) => {
+                connections.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "connection refused: server.max_connections reached");
+            }
+        }
+    }
+}
+
+/// Serves admitted connections on the current runtime and tracks them for the drain.
+pub struct Handler {
+    settings: Arc<conn::Settings>,
+    tls: Option<TlsAcceptor>,
+    proxy: Proxy,
+    stop: CancellationToken,
+    open: TaskTracker,
+}
+
+impl Handler {
+    pub fn new(
+        tls: Option<TlsAcceptor>,
+        proxy: Proxy,
+        config: &ServerConfig,
+        stop: CancellationToken,
+    ) -> Self {
+        Handler {
+            settings: Arc::new(conn::Settings::new(config)),
+            tls,
+            proxy,
+            stop,
+            open: TaskTracker::new(),
+        }
+    }
+
+    /// Serves one connection; `slot` (its `max_connections` permit) is held until it ends.
+    pub fn spawn(&self, stream: TcpStream, peer: SocketAddr, slot: impl Send + 'static) {
         let _ = stream.set_nodelay(true);
         let info = ConnInfo {
             peer,
-            tls: tls.is_some(),
+            tls: self.tls.is_some(),
         };
-        let conn = conn::Conn::new(settings.clone(), proxy.clone(), info, stop.clone());
-        let tls = tls.clone();
-        open.spawn(async move {
+        let conn = conn::Conn::new(
+            self.settings.clone(),
+            self.proxy.clone(),
+            info,
+            self.stop.clone(),
+        );
+        let tls = self.tls.clone();
+        self.open.spawn(async move {
             conn.serve(stream, tls).await;
-            drop(permit);
+            drop(slot);
         });
     }
-    drop(listener);
-    open.close();
-    if tokio::time::timeout(config.shutdown_grace, open.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("shutdown grace passed with connections still open");
+
+    /// Lets the open connections finish, at most `grace`.
+    pub async fn drain(self, grace: Duration) {
+        self.open.close();
+        if tokio::time::timeout(grace, self.open.wait()).await.is_err() {
+            tracing::warn!("shutdown grace passed with connections still open");
+        }
     }
 }
