@@ -199,6 +199,22 @@ pub async fn run_with_reloads(
 fn build_store(config: &Config, stop: CancellationToken) -> Result<Arc<dyn store::Store>, String> {
     match config.store.backend {
         config::Backend::Memory => Ok(store::MemoryStore::new(config.store.max_bytes)),
+        config::Backend::Disk => {
+            let path = config
+                .store
+                .path
+                .as_deref()
+                .ok_or("store.path is required when backend = \"disk\"")?;
+            let strict = config.store.durability == config::Durability::Strict;
+            let orphan = Box::new(proxy::unknown_outcome_record);
+            Ok(store::disk::DiskStore::open(
+                path,
+                config.store.max_bytes,
+                strict,
+                orphan,
+                stop,
+            )?)
+        }
         config::Backend::Redis => {
             // rediss:// goes through rustls with the ring provider, as the rest of the crate.
             let _ = rustls::crypto::ring::default_provider().install_default();

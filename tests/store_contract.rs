@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use idemgate::config::{Backend, OnStoreError, RedisUrls, StoreConfig};
+use idemgate::store::disk::DiskStore;
 use idemgate::store::redis::RedisStore;
 use idemgate::store::{
     Begin, Claim, Fingerprint, MemoryStore, Record, RecordId, Store, StoreError, Token, Woke,
@@ -47,6 +48,21 @@ struct Pair {
     a: Arc<dyn Store>,
     b: Arc<dyn Store>,
     _server: Option<RedisServer>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// A disk store in a fresh directory; `strict` syncs before every answer.
+fn disk_store(strict: bool) -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = DiskStore::open(
+        dir.path(),
+        1 << 20,
+        strict,
+        Box::new(idemgate::proxy::unknown_outcome_record),
+        CancellationToken::new(),
+    )
+    .unwrap();
+    (store, dir)
 }
 
 fn redis_config(url: String, lease: Duration) -> StoreConfig {
@@ -58,6 +74,8 @@ fn redis_config(url: String, lease: Duration) -> StoreConfig {
         prefix: "test:".into(),
         lock_lease: lease,
         on_error: OnStoreError::Reject,
+        path: None,
+        durability: idemgate::config::Durability::Relaxed,
     }
 }
 
@@ -75,6 +93,16 @@ async fn pair(kind: &str) -> Pair {
                 a: s.clone(),
                 b: s,
                 _server: None,
+                _dir: None,
+            }
+        }
+        "disk" | "disk_strict" => {
+            let (s, dir) = disk_store(kind == "disk_strict");
+            Pair {
+                a: s.clone(),
+                b: s,
+                _server: None,
+                _dir: Some(dir),
             }
         }
         _ => {
@@ -85,6 +113,7 @@ async fn pair(kind: &str) -> Pair {
                 a,
                 b,
                 _server: Some(server),
+                _dir: None,
             }
         }
     }
@@ -112,6 +141,8 @@ macro_rules! contract {
     ($($name:ident),* $(,)?) => {
         mod memory { $( #[tokio::test] async fn $name() { super::$name("memory").await } )* }
         mod redis { $( #[tokio::test] async fn $name() { super::$name("redis").await } )* }
+        mod disk { $( #[tokio::test] async fn $name() { super::$name("disk").await } )* }
+        mod disk_strict { $( #[tokio::test] async fn $name() { super::$name("disk_strict").await } )* }
     };
 }
 

@@ -81,6 +81,16 @@ impl Config {
                 self.store.prefix,
                 humantime::format_duration(self.store.lock_lease)
             ),
+            (Backend::Disk, _) => format!(
+                "store: disk {} ({:?}, max_bytes {})\n",
+                self.store
+                    .path
+                    .as_deref()
+                    .unwrap_or(std::path::Path::new(""))
+                    .display(),
+                self.store.durability,
+                self.store.max_bytes
+            ),
             _ => format!("store: memory (max_bytes {})\n", self.store.max_bytes),
         };
         for r in &self.routes {

@@ -55,6 +55,18 @@ pub struct UpstreamConfig {
 pub enum Backend {
     Memory,
     Redis,
+    Disk,
+}
+
+/// When the disk store's writes count as done (SPEC §5, README "Guarantees").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Written to the OS before use, synced about every second: a process crash loses
+    /// nothing, a machine crash at most the last second.
+    Relaxed,
+    /// Synced before use (group commit): a claim before its request is forwarded, a
+    /// record before its response is sent.
+    Strict,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +151,9 @@ pub struct StoreConfig {
     pub prefix: String,
     pub lock_lease: Duration,
     pub on_error: OnStoreError,
+    /// disk: the store's directory (one process at a time).
+    pub path: Option<PathBuf>,
+    pub durability: Durability,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

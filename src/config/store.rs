@@ -35,7 +35,11 @@ fn redis_urls(r: &mut Reader, path: &str, node: &Node) -> Option<RedisUrls> {
 
 pub(super) fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
     let s = r.section("store", root.get("store"));
-    let backends = [("memory", Backend::Memory), ("redis", Backend::Redis)];
+    let backends = [
+        ("memory", Backend::Memory),
+        ("redis", Backend::Redis),
+        ("disk", Backend::Disk),
+    ];
     let backend =
         opt(r, &s, "backend", |r, p, n| choice(r, p, n, &backends)).unwrap_or(Backend::Memory);
     let url = opt(r, &s, "url", redis_urls);
@@ -46,6 +50,23 @@ pub(super) fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
             "required when backend = \"redis\"",
         );
     }
+    let path = opt(r, &s, "path", string).map(std::path::PathBuf::from);
+    if backend == Backend::Disk && path.is_none() {
+        r.error(
+            &s.key_path("path"),
+            &s.span.clone(),
+            "required when backend = \"disk\" (the store's directory)",
+        );
+    }
+    if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+        r.error(&s.key_path("path"), &s.span.clone(), "must not be empty");
+    }
+    let durabilities = [
+        ("relaxed", Durability::Relaxed),
+        ("strict", Durability::Strict),
+    ];
+    let durability = opt(r, &s, "durability", |r, p, n| choice(r, p, n, &durabilities))
+        .unwrap_or(Durability::Relaxed);
     let on_error = [
         ("reject", OnStoreError::Reject),
         ("pass", OnStoreError::Pass),
@@ -59,11 +80,13 @@ pub(super) fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
         lock_lease: dur(r, &s, "lock_lease", (MS, HOUR), 30),
         on_error: opt(r, &s, "on_error", |r, p, n| choice(r, p, n, &on_error))
             .unwrap_or(OnStoreError::Reject),
+        path,
+        durability,
     })
 }
 
-/// On the memory store a record larger than `max_bytes` is evicted the moment it is
-/// stored, so its retry runs again: refuse a `max_stored_response` that cannot fit.
+/// On the memory and disk stores a record larger than `max_bytes` is evicted the moment
+/// it is stored, so its retry runs again: refuse a `max_stored_response` that cannot fit.
 pub(super) fn record_must_fit(
     r: &mut Reader,
     root: &Section,
@@ -71,7 +94,7 @@ pub(super) fn record_must_fit(
     defaults: &Policy,
     routes: &[Route],
 ) {
-    if store.backend != Backend::Memory {
+    if store.backend == Backend::Redis {
         return;
     }
     let largest = routes

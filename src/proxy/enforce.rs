@@ -107,7 +107,12 @@ async fn decide(
     loop {
         let store = proxy.inner.store.clone();
         let lease = store.claim_lease();
-        let begin = match store.begin(id, fp, lease).await {
+        // Should this process die mid-exchange, the outcome is unknown (SPEC §3 step 8).
+        let if_orphaned = policy
+            .store_statuses
+            .contains(http::StatusCode::BAD_GATEWAY)
+            .then_some(policy.ttl);
+        let begin = match store.begin_request(id, fp, lease, if_orphaned).await {
             Ok(b) => b,
             // A duplicate is in flight somewhere: never pass this one around the store.
             Err(_) if waited => return refuse(ProxyError::StoreUnavailable, Some(id)),

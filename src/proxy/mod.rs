@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::store::Store;
 pub use forward::Upstream;
+pub use record::unknown_outcome_record;
 pub use headers::ConnInfo;
 use outcome::{Outcome, Report};
 

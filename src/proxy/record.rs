@@ -18,7 +18,7 @@ use super::replay;
 use crate::body::{self, full, Body, Prefixed};
 use crate::config::Policy;
 use crate::error::ProxyError;
-use crate::store::{Claim, Fingerprint, Record};
+use crate::store::{Claim, Encoded, Fingerprint, Record, StoreError};
 
 /// What the detached exchange reports back to the handler.
 pub struct Outcome {
@@ -112,18 +112,7 @@ impl Exchange {
     }
 
     fn record(&self, parts: &response::Parts, body: Option<Bytes>) -> Record {
-        let headers = parts
-            .headers
-            .iter()
-            .filter(|(n, _)| **n != header::CONTENT_LENGTH && **n != header::DATE)
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        Record {
-            fingerprint: self.fingerprint,
-            status: parts.status,
-            headers,
-            body,
-        }
+        record_of(self.fingerprint, parts, body)
     }
 
     async fn complete(self, record: Record) {
@@ -163,4 +152,28 @@ async fn read_up_to(mut body: Incoming, limit: u64, deadline: Instant) -> Read {
             }
         }
     }
+}
+
+fn record_of(fingerprint: Fingerprint, parts: &response::Parts, body: Option<Bytes>) -> Record {
+    let headers = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| **n != header::CONTENT_LENGTH && **n != header::DATE)
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    Record {
+        fingerprint,
+        status: parts.status,
+        headers,
+        body,
+    }
+}
+
+/// What a request in flight when its idemgate process died is recorded as, at the next
+/// start of a store that outlives the process: the 502 of an upstream exchange whose
+/// outcome is unknown (SPEC §3 step 8).
+pub fn unknown_outcome_record(fingerprint: Fingerprint) -> Result<Encoded, StoreError> {
+    let why = "idemgate stopped before the upstream answered; the outcome is unknown";
+    let (parts, bytes) = ProxyError::UpstreamUnavailable(why.into()).to_parts();
+    record_of(fingerprint, &parts, Some(bytes)).encode()
 }

@@ -17,17 +17,17 @@ use tokio_util::task::TaskTracker;
 
 use super::*;
 
-struct InFlight {
-    fingerprint: Fingerprint,
-    token: Token,
+pub(super) struct InFlight {
+    pub(super) fingerprint: Fingerprint,
+    pub(super) token: Token,
     /// `None`: held for as long as this process lives (proxy claims).
-    expires: Option<Instant>,
+    pub(super) expires: Option<Instant>,
     /// Every waiter's receiver learns why it woke.
-    wake: watch::Sender<Option<Woke>>,
+    pub(super) wake: watch::Sender<Option<Woke>>,
 }
 
 impl InFlight {
-    fn lapsed(&self, now: Instant) -> bool {
+    pub(super) fn lapsed(&self, now: Instant) -> bool {
         self.expires.is_some_and(|e| e <= now)
     }
 }
@@ -77,7 +77,7 @@ pub struct MemoryStore {
 /// workers that died do not pile up (each id's own next begin also frees it).
 const SWEEP_EVERY: u64 = 1024;
 
-fn sweep_lapsed(inflight: &mut HashMap<RecordId, InFlight>, now: Instant) {
+pub(super) fn sweep_lapsed(inflight: &mut HashMap<RecordId, InFlight>, now: Instant) {
     inflight.retain(|_, f| {
         let lapsed = f.lapsed(now);
         if lapsed {
@@ -216,7 +216,7 @@ impl MemoryStore {
 
 /// Wakes on the holder's complete or release, or when its lease would end (then the
 /// caller's next `begin` finds out whether it was renewed).
-fn waiter(mut rx: watch::Receiver<Option<Woke>>, expires: Option<Instant>) -> Waiter {
+pub(super) fn waiter(mut rx: watch::Receiver<Option<Woke>>, expires: Option<Instant>) -> Waiter {
     Waiter::new(async move {
         let woke = rx.wait_for(Option::is_some);
         let lease_end = async {
@@ -235,7 +235,7 @@ fn waiter(mut rx: watch::Receiver<Option<Woke>>, expires: Option<Instant>) -> Wa
     })
 }
 
-fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
+pub(super) fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
     Box::pin(std::future::ready(v))
 }
 

@@ -8,9 +8,10 @@
 //!
 //! - [`record`]: the record and its encoding.
 //! - [`claim`]: the [`Claim`] guard: renews while held, releases in the background on drop.
-//! - [`memory`], [`redis`]: the backends.
+//! - [`memory`], [`redis`], [`disk`]: the backends.
 
 pub mod claim;
+pub mod disk;
 pub mod memory;
 pub mod record;
 pub mod redis;
@@ -189,6 +190,20 @@ pub trait Store: Send + Sync + 'static {
         fingerprint: Fingerprint,
         lease: Option<Duration>,
     ) -> BoxFuture<'static, Result<Begin, StoreError>>;
+    /// [`Store::begin`] for a proxy request, also saying what its claim becomes if this
+    /// process dies holding it: `Some(ttl)` records the unknown outcome (SPEC §3 step 8)
+    /// for `ttl`, `None` frees it. Only a store whose claims outlive the process (disk)
+    /// needs to know; the others' claims end with their holder.
+    fn begin_request(
+        self: Arc<Self>,
+        id: RecordId,
+        fingerprint: Fingerprint,
+        lease: Option<Duration>,
+        if_orphaned: Option<Duration>,
+    ) -> BoxFuture<'static, Result<Begin, StoreError>> {
+        let _ = if_orphaned;
+        self.begin(id, fingerprint, lease)
+    }
     fn renew(
         self: Arc<Self>,
         id: RecordId,

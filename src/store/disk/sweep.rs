@@ -1,0 +1,153 @@
+//! Keeping the disk store within its bounds: expired records swept every second (and
+//! their space compacted away once they are most of the data), leases of record-API
+//! workers that died released, and `max_bytes` held by evicting the oldest records.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::layout::{self, index_key};
+use super::open::unreadable;
+use super::{DiskStore, State};
+use crate::store::{RecordId, StoreError, Woke};
+
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Expired entries removed per batch, so the lock is never held for long.
+const BATCH: usize = 1024;
+/// Compact once this many swept bytes (and at least half the live bytes) are garbage.
+const COMPACT_AFTER: u64 = 64 << 20;
+
+pub async fn run(store: Arc<DiskStore>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let mut garbage = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        release_lapsed(&store);
+        loop {
+            match expire(&store) {
+                Ok((count, bytes)) => {
+                    garbage += bytes;
+                    if count < BATCH {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the disk store's expiry sweep failed");
+                    break;
+                }
+            }
+        }
+        let live = store.bytes.load(Ordering::Relaxed);
+        if garbage >= COMPACT_AFTER && garbage >= live / 2 {
+            garbage = 0;
+            let records = store.ks.records.clone();
+            let compacted = tokio::task::spawn_blocking(move || records.major_compact()).await;
+            if let Ok(Err(e)) = compacted {
+                tracing::warn!(error = %e, "the disk store could not compact");
+            }
+        }
+    }
+}
+
+/// Removes up to [`BATCH`] expired records; returns how many and their bytes.
+fn expire(store: &DiskStore) -> Result<(usize, u64), StoreError> {
+    let end = index_key(layout::now_ms(), &RecordId([0; 32]));
+    let mut due = Vec::with_capacity(BATCH);
+    for entry in store.ks.expiry.range(..end).take(BATCH) {
+        let key = entry.key().map_err(unreadable)?;
+        due.push(layout::parse_index_key(&key)?);
+    }
+    if due.is_empty() {
+        return Ok((0, 0));
+    }
+    let mut state = store.lock();
+    let mut batch = store.db.batch();
+    let (mut records, mut bytes) = (0i64, 0i64);
+    for (expires, id) in &due {
+        batch.remove(&store.ks.expiry, index_key(*expires, id));
+        let Some(v) = store.ks.records.get(id.0).map_err(unreadable)? else {
+            continue;
+        };
+        let head = layout::parse_record(&v)?;
+        if head.expires_ms != *expires {
+            continue; // replaced since: this index entry was stale
+        }
+        batch.remove(&store.ks.records, id.0);
+        batch.remove(&store.ks.age, index_key(head.seq, id));
+        records += 1;
+        bytes += (v.len() - layout::RECORD_BODY_AT) as i64 + layout::RECORD_OVERHEAD as i64;
+    }
+    store.commit(batch)?;
+    store.account(&mut state, -bytes, -records);
+    Ok((due.len(), bytes.unsigned_abs()))
+}
+
+/// Frees claims whose lease ended (their holder stopped renewing) and wakes their waiters.
+fn release_lapsed(store: &DiskStore) {
+    let now = Instant::now();
+    let mut state = store.lock();
+    let lapsed: Vec<RecordId> = state
+        .inflight
+        .iter()
+        .filter(|(_, f)| f.lapsed(now))
+        .map(|(id, _)| *id)
+        .collect();
+    if lapsed.is_empty() {
+        return;
+    }
+    let mut batch = store.db.batch();
+    for id in lapsed {
+        if let Some(f) = state.inflight.remove(&id) {
+            f.wake.send_replace(Some(Woke::LeaseExpired));
+        }
+        batch.remove(&store.ks.claims, id.0);
+    }
+    let _ = store.commit(batch);
+}
+
+/// Evicts the oldest records until the store is within `max_bytes`. Called with the
+/// lock held, right after a record was added.
+pub(super) fn evict_over_bound(store: &DiskStore, state: &mut State) {
+    if state.bytes <= store.max_bytes {
+        return;
+    }
+    if let Err(e) = evict(store, state) {
+        tracing::warn!(error = %e, "the disk store could not evict to stay within max_bytes");
+    }
+}
+
+fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
+    let now = layout::now_ms();
+    let mut over = state.bytes - store.max_bytes;
+    let mut batch = store.db.batch();
+    let (mut records, mut bytes, mut early) = (0i64, 0i64, 0u64);
+    for entry in store.ks.age.iter() {
+        if over == 0 {
+            break;
+        }
+        let (k, v) = entry.into_inner().map_err(unreadable)?;
+        let (seq, id) = layout::parse_index_key(&k)?;
+        let size = layout::parse_size(&v)?;
+        batch.remove(&store.ks.age, index_key(seq, &id));
+        if let Some(rv) = store.ks.records.get(id.0).map_err(unreadable)? {
+            let head = layout::parse_record(&rv)?;
+            batch.remove(&store.ks.records, id.0);
+            batch.remove(&store.ks.expiry, index_key(head.expires_ms, &id));
+            early += u64::from(head.expires_ms > now);
+        }
+        records += 1;
+        bytes += size as i64;
+        over = over.saturating_sub(size);
+    }
+    store.commit(batch)?;
+    store.account(state, -bytes, -records);
+    store.evicted_early.fetch_add(early, Ordering::Relaxed);
+    Ok(())
+}
