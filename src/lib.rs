@@ -89,7 +89,19 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    run_with_reloads(config, listeners, shutdown, None, None).await
+    run_with_reloads(config, listeners, shutdown, Options::default()).await
+}
+
+/// How [`run_with_reloads`] serves, beyond the config.
+#[derive(Default)]
+pub struct Options {
+    /// Configs to apply as they arrive ([`reload::apply`]).
+    pub reloads: Option<tokio::sync::mpsc::UnboundedReceiver<Config>>,
+    /// Serve the proxy listener on this many single-threaded runtimes
+    /// ([`server::workers`]); `None` serves on the caller's runtime.
+    pub threads: Option<usize>,
+    /// Log "idemgate listening" once the store is open (the binary's readiness line).
+    pub announce: Option<Option<std::path::PathBuf>>,
 }
 
 /// [`run`], also applying every config that arrives on `reloads` ([`reload::apply`]).
@@ -101,9 +113,13 @@ pub async fn run_with_reloads(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    reloads: Option<tokio::sync::mpsc::UnboundedReceiver<Config>>,
-    threads: Option<usize>,
+    options: Options,
 ) -> Result<(), String> {
+    let Options {
+        reloads,
+        threads,
+        announce,
+    } = options;
     let config = Arc::new(config);
     let upstream = Upstream::new(&config.upstream)?;
     let tls = match &config.server.tls {
@@ -115,6 +131,9 @@ pub async fn run_with_reloads(
     let side = TaskTracker::new();
     let tasks = TaskTracker::new();
     let store = build_store(&config, side_stop.clone())?;
+    if let Some(config_path) = announce {
+        announce_listening(&config, &listeners, config_path);
+    }
     let store_handle = store.clone();
     let connections = server::Connections::new(config.server.max_connections);
     let metrics = metrics::Metrics::new(store.clone(), connections.clone());
@@ -231,8 +250,22 @@ pub async fn serve_until_signalled(
     let listeners = Listeners::bind(&config)
         .await
         .map_err(|e| format!("cannot bind {}: {e}", config.server.listen))?;
-    let proxy_addr = listeners.proxy_addr().map_err(|e| e.to_string())?;
     let reloads = config_path.clone().and_then(reload::watch_sighup);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let options = Options {
+        reloads,
+        threads: Some(threads),
+        announce: Some(config_path),
+    };
+    run_with_reloads(config, listeners, signals::terminate(), options).await
+}
+
+fn announce_listening(
+    config: &Config,
+    listeners: &Listeners,
+    config_path: Option<std::path::PathBuf>,
+) {
+    let proxy_addr = listeners.proxy_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
         listen = %proxy_addr,
         admin = listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -241,15 +274,6 @@ pub async fn serve_until_signalled(
         config = ?config_path,
         "idemgate listening"
     );
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    run_with_reloads(
-        config,
-        listeners,
-        signals::terminate(),
-        reloads,
-        Some(threads),
-    )
-    .await
 }
 
 mod signals {

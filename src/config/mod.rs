@@ -88,7 +88,10 @@ impl Config {
                     .as_deref()
                     .unwrap_or(std::path::Path::new(""))
                     .display(),
-                self.store.durability,
+                match self.store.durability {
+                    Durability::Relaxed => "relaxed",
+                    Durability::Strict => "strict",
+                },
                 self.store.max_bytes
             ),
             _ => format!("store: memory (max_bytes {})\n", self.store.max_bytes),

@@ -93,7 +93,8 @@ impl DiskStore {
             healthy: AtomicBool::new(true),
             background: TaskTracker::new(),
         });
-        store.background.spawn(sweep::run(store.clone(), stop));
+        // Not on `background`: that tracker is drained before `stop` fires.
+        tokio::spawn(sweep::run(store.clone(), stop));
         Ok(store)
     }
 

@@ -85,12 +85,13 @@ fn open_error(path: &Path, e: fjall::Error) -> String {
             "the disk store {shown} is in use by another idemgate process (one process per store.path)"
         ),
         fjall::Error::Io(io) => format!("cannot open the disk store {shown}: {io}"),
-        fjall::Error::InvalidVersion(v) => format!(
+        fjall::Error::InvalidVersion(Some(v)) => format!(
             "the disk store {shown} was written in a storage format this idemgate cannot read ({v:?})"
         ),
-        other => format!(
-            "the disk store {shown} cannot be read (damaged or truncated?): {other}"
+        fjall::Error::InvalidVersion(None) => format!(
+            "the disk store {shown} is damaged or truncated: its version file is unreadable"
         ),
+        other => format!("the disk store {shown} is damaged or truncated: {other}"),
     }
 }
 
