@@ -306,3 +306,233 @@ fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self").unwrap().uid() == 0
 }
+
+async fn record_call(
+    c: &Client,
+    api: std::net::SocketAddr,
+    method: &str,
+    doc: serde_json::Value,
+) -> serde_json::Value {
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer tok-disk"),
+    ];
+    let url = format!("http://{api}/v1/record");
+    let got = c
+        .send(request(method, &url, &headers, &doc.to_string()))
+        .await;
+    serde_json::from_slice(&got.body).unwrap()
+}
+
+/// The record API on the disk store: a stored record and a worker's live lock both
+/// outlive a restart of the sidecar.
+#[tokio::test]
+async fn record_api_records_and_locks_survive_a_restart() {
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::echo().await;
+    let toml = format!(
+        "{}\n[record_api]\nlisten = \"127.0.0.1:0\"\ntokens = [\"tok-disk\"]\nlease = \"30s\"\n",
+        config(dir.path(), "strict", r#"["2xx"]"#)
+    );
+    let c = Client::new();
+    let mut first = ProxyProcess::spawn(&toml, &upstream.url()).await;
+    let api = first.record_api.unwrap();
+    let done = json!({ "scope": "payouts", "key": "p-1" });
+    let lock = record_call(&c, api, "POST", done.clone()).await;
+    let put = json!({ "scope": "payouts", "key": "p-1", "token": lock["token"], "status": 201, "body": { "paid": true } });
+    assert_eq!(record_call(&c, api, "PUT", put).await, json!({ "stored": true }));
+    let running = json!({ "scope": "payouts", "key": "p-2" });
+    let held = record_call(&c, api, "POST", running.clone()).await;
+    assert_eq!(held["locked"], true);
+    first.signal("TERM");
+    first.wait_exit(Duration::from_secs(20)).await;
+
+    let second = ProxyProcess::spawn(&toml, &upstream.url()).await;
+    let api = second.record_api.unwrap();
+    assert_eq!(
+        record_call(&c, api, "POST", done).await,
+        json!({ "cached": true, "record": { "status": 201, "body": { "paid": true } } })
+    );
+    // The worker holding p-2 is still working: nobody else may take it...
+    assert_eq!(record_call(&c, api, "POST", running).await["locked"], false);
+    // ...and it can still finish with its token.
+    let put = json!({ "scope": "payouts", "key": "p-2", "token": held["token"], "body": 2 });
+    assert_eq!(record_call(&c, api, "PUT", put).await, json!({ "stored": true }));
+}
+
+async fn metric(c: &Client, p: &ProxyProcess, name: &str) -> u64 {
+    let text = c
+        .get(&format!("http://{}/metrics", p.admin.unwrap()))
+        .await
+        .body;
+    let text = String::from_utf8_lossy(&text).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Bytes the store's files take on disk (allocated blocks, not sparse lengths).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    files_under(dir)
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.blocks() * 512))
+        .sum()
+}
+
+/// Incompressible, so the bytes on disk are the bytes sent.
+fn padding(i: usize, len: usize) -> String {
+    let mut out = vec![0u8; len / 2];
+    blake3::Hasher::new()
+        .update(&i.to_le_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 4,000 records of 8 KiB (32 MiB) expire: the sweep removes them and compaction takes
+/// their space back, down to the documented slack (at most 8 MiB of not yet compacted
+/// garbage in the tables; the journal is bounded on its own and not counted here).
+#[tokio::test]
+async fn expired_records_are_swept_and_their_space_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::echo().await;
+    let toml = config(dir.path(), "relaxed", r#"["2xx"]"#)
+        .replace("[idempotency]", "[idempotency]\nttl = \"2s\"");
+    let p = ProxyProcess::spawn(&toml, &upstream.url()).await;
+    let c = Client::new();
+    let url = p.url("/v1/orders");
+    let tables = dir.path().join("keyspaces");
+    let mut peak = 0;
+    for i in 0..4000 {
+        let body = format!("{{\"pad\":\"{}\"}}", padding(i, 8192));
+        let got = c.post(&url, &[(KEY, &format!("k{i}"))], &body).await;
+        assert_eq!(got.status, StatusCode::CREATED);
+        if i % 100 == 0 {
+            peak = peak.max(disk_usage(&tables));
+        }
+    }
+    eventually!(
+        metric(&c, &p, "idemgate_store_records").await == 0,
+        "expired records were never swept"
+    );
+    assert_eq!(metric(&c, &p, "idemgate_store_bytes").await, 0);
+    let mut now = u64::MAX;
+    eventually!(
+        {
+            now = disk_usage(&tables);
+            now <= 12 << 20
+        },
+        "the space of expired records was not reclaimed: tables {now} bytes (peak {peak})"
+    );
+    eprintln!("32 MiB of records: tables peaked at {peak} bytes, {now} after expiry");
+    // An expired key runs again.
+    let got = c.post(&url, &[(KEY, "k0")], "{}").await;
+    assert_eq!(got.header("idempotent-replayed"), None);
+}
+
+#[tokio::test]
+async fn max_bytes_evicts_the_oldest_and_counts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::echo().await;
+    let toml = config(dir.path(), "relaxed", r#"["2xx"]"#)
+        .replace("[store]", "[store]\nmax_bytes = \"64KiB\"")
+        .replace("[idempotency]", "[idempotency]\nmax_stored_response = \"8KiB\"");
+    let p = ProxyProcess::spawn(&toml, &upstream.url()).await;
+    let c = Client::new();
+    let url = p.url("/v1/orders");
+    for i in 0..200 {
+        let body = format!("{{\"pad\":\"{}\"}}", padding(i, 1024));
+        let got = c.post(&url, &[(KEY, &format!("k{i}"))], &body).await;
+        assert_eq!(got.status, StatusCode::CREATED);
+        assert!(metric(&c, &p, "idemgate_store_bytes").await <= 64 * 1024);
+    }
+    let evicted = metric(&c, &p, "idemgate_evicted_before_ttl_total").await;
+    assert!(evicted > 100, "early evictions not counted: {evicted}");
+    // The newest still replays; the oldest was evicted and runs again.
+    let newest = format!("{{\"pad\":\"{}\"}}", padding(199, 1024));
+    let got = c.post(&url, &[(KEY, "k199")], &newest).await;
+    assert_eq!(got.header("idempotent-replayed"), Some("true"));
+    let oldest = format!("{{\"pad\":\"{}\"}}", padding(0, 1024));
+    let got = c.post(&url, &[(KEY, "k0")], &oldest).await;
+    assert_eq!(got.header("idempotent-replayed"), None);
+    assert_eq!(upstream.calls(), 201);
+}
+
+/// Writes `n` records of `body_len` bytes straight into a disk store at `dir` (the
+/// layout the binary reads), then waits until the store has let go of its lock.
+async fn fill(dir: &Path, n: u64, body_len: usize) {
+    use idemgate::store::{Begin, Fingerprint, Record, RecordId, Store};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let store = idemgate::store::disk::DiskStore::open(
+        dir,
+        64 << 30,
+        false,
+        Box::new(idemgate::proxy::unknown_outcome_record),
+        stop.clone(),
+    )
+    .unwrap();
+    for i in 0..n {
+        let id = RecordId(*blake3::hash(&i.to_le_bytes()).as_bytes());
+        let Begin::Claimed(claim) = store.clone().begin(id, Fingerprint([1; 32]), None).await.unwrap()
+        else {
+            panic!("record {i} was not free")
+        };
+        let record = Record {
+            fingerprint: Fingerprint([1; 32]),
+            status: StatusCode::CREATED,
+            headers: vec![],
+            body: Some(padding(i as usize, body_len).into()),
+        };
+        claim.complete(record.encode().unwrap(), Duration::from_secs(3600)).await.unwrap();
+    }
+    stop.cancel();
+    drop(store);
+    eventually!(
+        fjall::Database::builder(dir).open().is_ok(),
+        "the filled store never let go of its lock"
+    );
+}
+
+/// The binary's RSS after serving new keys and lookups on the store at `dir`.
+async fn rss_serving(dir: &Path) -> u64 {
+    let upstream = FakeUpstream::echo().await;
+    let toml = config(dir, "relaxed", r#"["2xx"]"#);
+    let p = ProxyProcess::spawn(&toml, &upstream.url()).await;
+    let c = Client::new();
+    let url = p.url("/v1/orders");
+    for i in 0..2000 {
+        let got = c.post(&url, &[(KEY, &format!("new-{i}"))], &body(i)).await;
+        assert_eq!(got.status, StatusCode::CREATED);
+        let again = c.post(&url, &[(KEY, &format!("new-{i}"))], &body(i)).await;
+        assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    }
+    p.rss_kib()
+}
+
+/// A million records on disk cost the process no more memory than an empty store:
+/// the block cache and write buffers are bounded, the records stay on disk.
+#[tokio::test]
+async fn a_million_records_on_disk_keep_the_process_small() {
+    let records: u64 = std::env::var("IDEMGATE_DISK_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let (empty, full) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let started = std::time::Instant::now();
+    fill(full.path(), records, 512).await;
+    let filled = started.elapsed();
+    let on_disk = disk_usage(full.path());
+    let rss_empty = rss_serving(empty.path()).await;
+    let rss_full = rss_serving(full.path()).await;
+    eprintln!(
+        "{records} records ({on_disk} bytes on disk, filled in {filled:?}): RSS {rss_full} KiB, against {rss_empty} KiB on an empty store"
+    );
+    assert!(
+        rss_full <= rss_empty + 48 * 1024,
+        "RSS grew with the records on disk: {rss_full} KiB against {rss_empty} KiB"
+    );
+}

@@ -17,6 +17,8 @@ use super::super::{Fingerprint, RecordId, StoreError, Token};
 /// The layout version this build writes; a directory written by a newer one is refused.
 pub const FORMAT: u32 = 1;
 pub const FORMAT_KEY: &[u8] = b"format";
+/// When the store last compacted (written to make fjall drop the replaced tables).
+pub const COMPACTED_KEY: &[u8] = b"compacted_at";
 
 /// What a record costs beyond its encoded bytes: its key, value header and index
 /// entries. Counted against `max_bytes` so the bound is about the disk, not the payload.

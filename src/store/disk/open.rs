@@ -25,6 +25,7 @@ pub struct Keyspaces {
     pub claims: Keyspace,
     pub expiry: Keyspace,
     pub age: Keyspace,
+    pub meta: Keyspace,
 }
 
 pub struct Opened {
@@ -47,10 +48,7 @@ pub fn open(path: &Path, orphan: &OrphanRecord) -> Result<Opened, String> {
         .open()
         .map_err(|e| open_error(path, e))?;
     let ks = keyspaces(&db).map_err(|e| open_error(path, e))?;
-    let meta = db
-        .keyspace("meta", KeyspaceCreateOptions::default)
-        .map_err(|e| open_error(path, e))?;
-    check_format(&meta, &ks, path)?;
+    check_format(&ks, path)?;
     let (bytes, records, next_seq) = count(&ks).map_err(|e| format!("disk store {shown}: {e}"))?;
     let mut opened = Opened {
         db,
@@ -75,6 +73,7 @@ fn keyspaces(db: &Database) -> fjall::Result<Keyspaces> {
         claims: db.keyspace("claims", sized(INDEX_MEMTABLE))?,
         expiry: db.keyspace("expiry", sized(INDEX_MEMTABLE))?,
         age: db.keyspace("age", sized(INDEX_MEMTABLE))?,
+        meta: db.keyspace("meta", sized(INDEX_MEMTABLE))?,
     })
 }
 
@@ -95,9 +94,10 @@ fn open_error(path: &Path, e: fjall::Error) -> String {
     }
 }
 
-fn check_format(meta: &Keyspace, ks: &Keyspaces, path: &Path) -> Result<(), String> {
+fn check_format(ks: &Keyspaces, path: &Path) -> Result<(), String> {
     let shown = path.display();
     let read = |e: fjall::Error| format!("the disk store {shown} cannot be read: {e}");
+    let meta = &ks.meta;
     match meta.get(layout::FORMAT_KEY).map_err(read)? {
         Some(v) => {
             let version = <[u8; 4]>::try_from(&v[..]).map(u32::from_le_bytes).map_err(|_| {

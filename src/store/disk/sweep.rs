@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, index_key};
-use super::open::unreadable;
+use super::open::{unreadable, Keyspaces};
 use super::{DiskStore, State};
 use crate::store::{RecordId, StoreError, Woke};
 
@@ -18,7 +18,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Expired entries removed per batch, so the lock is never held for long.
 const BATCH: usize = 1024;
 /// Compact once this many swept bytes (and at least half the live bytes) are garbage.
-const COMPACT_AFTER: u64 = 64 << 20;
+const COMPACT_AFTER: u64 = 8 << 20;
 
 pub async fn run(store: Arc<DiskStore>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
@@ -47,13 +47,29 @@ pub async fn run(store: Arc<DiskStore>, stop: CancellationToken) {
         let live = store.bytes.load(Ordering::Relaxed);
         if garbage >= COMPACT_AFTER && garbage >= live / 2 {
             garbage = 0;
-            let records = store.ks.records.clone();
-            let compacted = tokio::task::spawn_blocking(move || records.major_compact()).await;
+            let ks = store.ks.clone();
+            let compacted = tokio::task::spawn_blocking(move || compact(&ks)).await;
             if let Ok(Err(e)) = compacted {
                 tracing::warn!(error = %e, "the disk store could not compact");
             }
         }
     }
+}
+
+/// Flushes every memtable (tombstones still in memory hide nothing on disk, and a
+/// journal is only dropped once all of them are flushed), then merges the records'
+/// tables so the deleted values are gone from disk.
+fn compact(ks: &Keyspaces) -> fjall::Result<()> {
+    for keyspace in [&ks.records, &ks.claims, &ks.expiry, &ks.age] {
+        keyspace.rotate_memtable_and_wait()?;
+    }
+    for keyspace in [&ks.records, &ks.expiry, &ks.age] {
+        keyspace.major_compact()?;
+    }
+    // The replaced tables are deleted once no table version refers to them, which
+    // fjall settles when a memtable rotates: write a mark and rotate one.
+    ks.meta.insert(layout::COMPACTED_KEY, layout::now_ms().to_le_bytes())?;
+    ks.meta.rotate_memtable_and_wait()
 }
 
 /// Removes up to [`BATCH`] expired records; returns how many and their bytes.
