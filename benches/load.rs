@@ -2,9 +2,10 @@
 //! in one run. `cargo bench --bench load` installs wrk, nginx and redis-server when
 //! missing, starts an nginx upstream (one worker, answers 201), an nginx proxy
 //! (`worker_processes auto`, keep-alive upstream pool) and the release `idemgate` binary
-//! on the memory store and on Redis, runs every scenario three times with
+//! on the memory store, on Redis and on the disk store (relaxed and strict), runs every scenario three times with
 //! `wrk -t1 -c32 -d5s`, and prints the median req/s, p50 and p99 with ratios against nginx
-//! and against the direct upstream. Then the storm row (1,000 concurrent requests on one
+//! and against the direct upstream; the store rows (Redis, disk relaxed and strict) also
+//! against the memory store. Then the storm row (1,000 concurrent requests on one
 //! key, upstream taking 100 ms) and the memory row (1M records of 1 KiB).
 //!
 //! `IDEMGATE_LOAD_SECS` (default 5), `IDEMGATE_LOAD_RUNS` (default 3; 0 skips the table),
@@ -48,23 +49,36 @@ fn main() {
             redis.port
         ),
     );
+    let disk = |name: &str, durability: &str| {
+        let path = dir.path().join(format!("{name}-store"));
+        let store = format!(
+            "[store]\nbackend = \"disk\"\npath = \"{}\"\ndurability = \"{durability}\"\nmax_bytes = \"4GiB\"\n",
+            path.display()
+        );
+        Idemgate::start(dir.path(), name, upstream.port, &store)
+    };
+    let relaxed = disk("disk-relaxed", "relaxed");
+    let strict = disk("disk-strict", "strict");
     let scripts = Scripts::write(dir.path());
     let targets = [
         ("direct upstream", upstream.port),
         ("nginx proxy", nginx.port),
         ("idemgate (memory)", memory.port),
         ("idemgate (redis)", shared.port),
+        ("idemgate (disk, relaxed)", relaxed.port),
+        ("idemgate (disk, strict)", strict.port),
     ];
     let scenarios = [
         ("GET pass-through (no route)", &scripts.get, 3),
-        ("POST 1 KiB, new key each request", &scripts.new_key, 4),
-        ("POST 1 KiB, same key (replay)", &scripts.same_key, 4),
+        ("POST 1 KiB, new key each request", &scripts.new_key, 6),
+        ("POST 1 KiB, same key (replay)", &scripts.same_key, 6),
     ];
     println!(
         "wrk -t1 -c32 -d{secs}s, median of {runs}; ratios against nginx and the direct upstream\n"
     );
     println!("| scenario | target | req/s | p50 | p99 | vs nginx | vs direct |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mut against_memory = Vec::new();
     // IDEMGATE_LOAD_RUNS=0 skips the table (for the storm and memory rows alone).
     for (name, script, count) in scenarios.into_iter().filter(|_| runs > 0) {
         let results: Vec<Wrk> = targets[..count]
@@ -81,6 +95,13 @@ fn main() {
                 r.rps / results[0].rps
             );
         }
+        for ((target, _), r) in targets.iter().zip(&results).skip(3) {
+            against_memory.push(format!("{target} {name}: {:.2}x", r.rps / results[2].rps));
+        }
+    }
+    println!();
+    for line in against_memory {
+        println!("against the memory store: {line}");
     }
     println!();
     if env_num("IDEMGATE_LOAD_STORM", 1) > 0 {

@@ -1,7 +1,7 @@
 //! Micro-benchmarks (criterion) of the per-request work that is not I/O: fingerprints of
 //! 1 KiB / 64 KiB / 1 MiB bodies, canonical JSON, the record id, the record encoding, and
-//! one begin + complete + replay on each store (a real `redis-server` for Redis, started
-//! here). `cargo bench --bench micro`.
+//! one begin + complete + replay on each store (memory, disk relaxed and strict, and a real
+//! `redis-server` for Redis, started here). `cargo bench --bench micro`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -114,6 +114,23 @@ fn stores(c: &mut Criterion) {
     c.bench_function("store memory: begin + complete + replay", |b| {
         b.iter(|| store_round(&rt, &memory, &mut n))
     });
+    for (mode, strict) in [("relaxed", false), ("strict", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let disk: Arc<dyn Store> = rt.block_on(async {
+            idemgate::store::disk::DiskStore::open(
+                dir.path(),
+                1 << 30,
+                strict,
+                Box::new(idemgate::proxy::unknown_outcome_record),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .unwrap()
+        });
+        c.bench_function(
+            &format!("store disk {mode}: begin + complete + replay"),
+            |b| b.iter(|| store_round(&rt, &disk, &mut n)),
+        );
+    }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

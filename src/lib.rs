@@ -265,7 +265,10 @@ fn announce_listening(
     listeners: &Listeners,
     config_path: Option<std::path::PathBuf>,
 ) {
-    let proxy_addr = listeners.proxy_addr().map(|a| a.to_string()).unwrap_or_default();
+    let proxy_addr = listeners
+        .proxy_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     tracing::info!(
         listen = %proxy_addr,
         admin = listeners.admin_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -65,8 +65,10 @@ pub(super) fn store(r: &mut Reader, root: &Section) -> Option<StoreConfig> {
         ("relaxed", Durability::Relaxed),
         ("strict", Durability::Strict),
     ];
-    let durability = opt(r, &s, "durability", |r, p, n| choice(r, p, n, &durabilities))
-        .unwrap_or(Durability::Relaxed);
+    let durability = opt(r, &s, "durability", |r, p, n| {
+        choice(r, p, n, &durabilities)
+    })
+    .unwrap_or(Durability::Relaxed);
     let on_error = [
         ("reject", OnStoreError::Reject),
         ("pass", OnStoreError::Pass),

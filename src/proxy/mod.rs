@@ -25,9 +25,9 @@ use crate::config::Config;
 use crate::error::ProxyError;
 use crate::store::Store;
 pub use forward::Upstream;
-pub use record::unknown_outcome_record;
 pub use headers::ConnInfo;
 use outcome::{Outcome, Report};
+pub use record::unknown_outcome_record;
 
 /// Everything a request needs; cheap to clone into every connection.
 #[derive(Clone)]

@@ -33,6 +33,7 @@ pub struct Seen {
 type BoxFut = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 type Handler = Arc<dyn Fn(Request<Incoming>, usize) -> BoxFut + Send + Sync>;
 
+pub mod disk;
 pub mod redis;
 pub mod relay;
 

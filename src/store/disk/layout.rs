@@ -85,8 +85,14 @@ pub fn claim_value(c: &ClaimValue) -> Vec<u8> {
 }
 
 pub fn parse_claim(v: &[u8]) -> Result<ClaimValue, StoreError> {
-    let token: [u8; 16] = v.get(..16).and_then(|t| t.try_into().ok()).ok_or_else(|| corrupt("claim"))?;
-    let fp: [u8; 32] = v.get(16..48).and_then(|t| t.try_into().ok()).ok_or_else(|| corrupt("claim"))?;
+    let token: [u8; 16] = v
+        .get(..16)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| corrupt("claim"))?;
+    let fp: [u8; 32] = v
+        .get(16..48)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| corrupt("claim"))?;
     let (Some(lease_until_ms), Some(orphan), 64) = (u64_at(v, 48), u64_at(v, 56), v.len()) else {
         return Err(corrupt("claim"));
     };
@@ -107,8 +113,14 @@ pub fn index_key(n: u64, id: &RecordId) -> [u8; 40] {
 }
 
 pub fn parse_index_key(k: &[u8]) -> Result<(u64, RecordId), StoreError> {
-    let n: [u8; 8] = k.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("index"))?;
-    let id: [u8; 32] = k.get(8..).and_then(|b| b.try_into().ok()).ok_or_else(|| corrupt("index"))?;
+    let n: [u8; 8] = k
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("index"))?;
+    let id: [u8; 32] = k
+        .get(8..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| corrupt("index"))?;
     Ok((u64::from_be_bytes(n), RecordId(id)))
 }
 

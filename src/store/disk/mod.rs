@@ -8,7 +8,9 @@
 //! - [`open`]: lock, format check, recovery of claims left by a dead process.
 //! - [`sync`]: group commit (`strict`) and the periodic sync (`relaxed`).
 //! - [`sweep`]: expiry and the `max_bytes` bound, oldest first.
+//! - [`contract`]: the [`Store`] trait on top of the above.
 
+mod contract;
 mod layout;
 mod open;
 mod sweep;
@@ -27,16 +29,19 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::memory::{ready, waiter, InFlight};
+use super::memory::{waiter, InFlight};
 use super::*;
 use layout::{ClaimValue, RecordHead};
-use open::{unreadable, Keyspaces};
 pub use open::OrphanRecord;
+use open::{unreadable, Keyspaces};
 use sync::Syncer;
 
 struct State {
     inflight: HashMap<RecordId, InFlight>,
     next_seq: u64,
+    /// Every record older than this seq is gone: eviction starts its scan here instead
+    /// of walking the tombstones of what it already evicted.
+    evict_from: u64,
     bytes: u64,
 }
 
@@ -82,6 +87,7 @@ impl DiskStore {
             state: Mutex::new(State {
                 inflight,
                 next_seq: opened.next_seq,
+                evict_from: 0,
                 bytes: opened.bytes,
             }),
             max_bytes,
@@ -195,7 +201,9 @@ impl DiskStore {
         batch.insert(&self.ks.claims, id.0, layout::claim_value(&claim));
         let ticket = self.commit(batch)?;
         let expires = lease.map(|l| now + l);
-        state.inflight.insert(id, in_flight(fingerprint, token, expires));
+        state
+            .inflight
+            .insert(id, in_flight(fingerprint, token, expires));
         Ok(Ok((token, ticket)))
     }
 
@@ -252,9 +260,17 @@ impl DiskStore {
             seq: state.next_seq,
         };
         let size = encoded.weight() + layout::RECORD_OVERHEAD;
-        batch.insert(&self.ks.records, id.0, layout::record_value(&head, encoded.as_bytes()));
+        batch.insert(
+            &self.ks.records,
+            id.0,
+            layout::record_value(&head, encoded.as_bytes()),
+        );
         batch.insert(&self.ks.expiry, layout::index_key(head.expires_ms, &id), []);
-        batch.insert(&self.ks.age, layout::index_key(head.seq, &id), layout::size_value(size));
+        batch.insert(
+            &self.ks.age,
+            layout::index_key(head.seq, &id),
+            layout::size_value(size),
+        );
         batch.remove(&self.ks.claims, id.0);
         let ticket = match self.commit(batch) {
             Ok(t) => t,
@@ -264,7 +280,11 @@ impl DiskStore {
             }
         };
         state.next_seq += 1;
-        self.account(&mut state, size as i64 - replaced as i64, i64::from(replaced == 0));
+        self.account(
+            &mut state,
+            size as i64 - replaced as i64,
+            i64::from(replaced == 0),
+        );
         sweep::evict_over_bound(self, &mut state);
         Ok((claim, ticket))
     }
@@ -289,7 +309,8 @@ impl DiskStore {
         if records >= 0 {
             self.records.fetch_add(records as u64, Ordering::Relaxed);
         } else {
-            self.records.fetch_sub(records.unsigned_abs(), Ordering::Relaxed);
+            self.records
+                .fetch_sub(records.unsigned_abs(), Ordering::Relaxed);
         }
     }
 
@@ -329,76 +350,6 @@ fn in_flight(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -
         token,
         expires,
         wake,
-    }
-}
-
-impl Store for DiskStore {
-    fn begin(
-        self: Arc<Self>,
-        id: RecordId,
-        fingerprint: Fingerprint,
-        lease: Option<Duration>,
-    ) -> BoxFuture<'static, Result<Begin, StoreError>> {
-        Box::pin(self.begin_now(id, fingerprint, lease, None))
-    }
-
-    fn begin_request(
-        self: Arc<Self>,
-        id: RecordId,
-        fingerprint: Fingerprint,
-        lease: Option<Duration>,
-        if_orphaned: Option<Duration>,
-    ) -> BoxFuture<'static, Result<Begin, StoreError>> {
-        Box::pin(self.begin_now(id, fingerprint, lease, if_orphaned))
-    }
-
-    fn renew(
-        self: Arc<Self>,
-        id: RecordId,
-        token: Token,
-        lease: Duration,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        ready(self.renew_now(id, token, lease))
-    }
-
-    fn complete(
-        self: Arc<Self>,
-        id: RecordId,
-        token: Token,
-        record: Encoded,
-        ttl: Duration,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        Box::pin(self.complete_now(id, token, record, ttl))
-    }
-
-    fn release(
-        self: Arc<Self>,
-        id: RecordId,
-        token: Token,
-    ) -> BoxFuture<'static, Result<(), StoreError>> {
-        ready(self.release_now(id, token))
-    }
-
-    fn stats(&self) -> StoreStats {
-        StoreStats {
-            records: self.records.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            inflight: self.lock().inflight.len() as u64,
-            evicted_before_ttl: self.evicted_early.load(Ordering::Relaxed),
-            lease_lost: self.lease_lost.load(Ordering::Relaxed),
-        }
-    }
-
-    fn ready(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.syncer.failed()
-    }
-
-    fn claim_lease(&self) -> Option<Duration> {
-        None
-    }
-
-    fn background(&self) -> &TaskTracker {
-        &self.background
     }
 }
 

@@ -29,6 +29,19 @@ pub async fn run(store: Arc<DiskStore>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         release_lapsed(&store);
+        // A bound lowered under what the store holds is met a batch at a time.
+        loop {
+            let (before, after) = {
+                let mut state = store.lock();
+                let before = state.bytes;
+                evict_over_bound(&store, &mut state);
+                (before, state.bytes)
+            };
+            if after <= store.max_bytes || after == before {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
         loop {
             match expire(&store) {
                 Ok((count, bytes)) => {
@@ -68,7 +81,8 @@ fn compact(ks: &Keyspaces) -> fjall::Result<()> {
     }
     // The replaced tables are deleted once no table version refers to them, which
     // fjall settles when a memtable rotates: write a mark and rotate one.
-    ks.meta.insert(layout::COMPACTED_KEY, layout::now_ms().to_le_bytes())?;
+    ks.meta
+        .insert(layout::COMPACTED_KEY, layout::now_ms().to_le_bytes())?;
     ks.meta.rotate_memtable_and_wait()
 }
 
@@ -128,8 +142,8 @@ fn release_lapsed(store: &DiskStore) {
     let _ = store.commit(batch);
 }
 
-/// Evicts the oldest records until the store is within `max_bytes`. Called with the
-/// lock held, right after a record was added.
+/// Evicts the oldest records until the store is within `max_bytes`, at most [`BATCH`]
+/// at a time (the sweep finishes a larger excess). Called with the lock held.
 pub(super) fn evict_over_bound(store: &DiskStore, state: &mut State) {
     if state.bytes <= store.max_bytes {
         return;
@@ -144,12 +158,15 @@ fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
     let mut over = state.bytes - store.max_bytes;
     let mut batch = store.db.batch();
     let (mut records, mut bytes, mut early) = (0i64, 0i64, 0u64);
-    for entry in store.ks.age.iter() {
+    let mut next_from = state.evict_from;
+    let from = index_key(state.evict_from, &RecordId([0; 32]));
+    for entry in store.ks.age.range(from..).take(BATCH) {
         if over == 0 {
             break;
         }
         let (k, v) = entry.into_inner().map_err(unreadable)?;
         let (seq, id) = layout::parse_index_key(&k)?;
+        next_from = seq + 1;
         let size = layout::parse_size(&v)?;
         batch.remove(&store.ks.age, index_key(seq, &id));
         if let Some(rv) = store.ks.records.get(id.0).map_err(unreadable)? {
@@ -163,6 +180,7 @@ fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
         over = over.saturating_sub(size);
     }
     store.commit(batch)?;
+    state.evict_from = next_from;
     store.account(state, -bytes, -records);
     store.evicted_early.fetch_add(early, Ordering::Relaxed);
     Ok(())
