@@ -212,6 +212,7 @@ pub async fn run_with_reloads(
     side_stop.cancel();
     side.close();
     side.wait().await;
+    let _ = tokio::task::spawn_blocking(move || store_handle.flush()).await;
     Ok(())
 }
 

@@ -119,6 +119,8 @@ async fn fill(dir: &Path, n: u64, body_len: usize) {
             .await
             .unwrap();
     }
+    // As at a shutdown: the write buffers go to tables, the next start replays nothing.
+    store.flush_now().unwrap();
     stop.cancel();
     drop(store);
     // fjall lets go once its background flushes and compactions are done.
@@ -151,9 +153,9 @@ async fn rss_serving(dir: &Path) -> u64 {
 }
 
 /// A million records on disk cost the process a bounded amount over an empty store: its
-/// 16 MiB block cache and ~14 MiB of write buffers fill, the records stay on disk.
-/// Measured: +36 MiB at 1M records (index and filter blocks unpinned; pinned: +42 MiB,
-/// and growing with the records).
+/// 16 MiB block cache fills, the records stay on disk. Measured: +22 MiB at 1M records
+/// (+3 MiB at 30k). With fjall's default whole, pinned index and filter blocks it was
+/// +42 MiB and growing with the records, which this bound catches.
 #[tokio::test]
 async fn a_million_records_on_disk_keep_the_process_small() {
     let records: u64 = std::env::var("IDEMGATE_DISK_RECORDS")
@@ -171,7 +173,7 @@ async fn a_million_records_on_disk_keep_the_process_small() {
         "{records} records ({on_disk} bytes on disk, filled in {filled:?}): RSS {rss_full} KiB, against {rss_empty} KiB on an empty store"
     );
     assert!(
-        rss_full <= rss_empty + 48 * 1024,
+        rss_full <= rss_empty + 36 * 1024,
         "RSS grew with the records on disk: {rss_full} KiB against {rss_empty} KiB"
     );
 }

@@ -231,4 +231,7 @@ pub trait Store: Send + Sync + 'static {
     fn claim_lease(&self) -> Option<Duration>;
     /// Releases of dropped claims and lease renewals run here; drained at shutdown.
     fn background(&self) -> &TaskTracker;
+    /// Called once at shutdown, after the last write: a store with write buffers moves
+    /// them to its files, so the next start has nothing to replay. Blocking.
+    fn flush(&self) {}
 }

@@ -78,4 +78,10 @@ impl Store for DiskStore {
     fn background(&self) -> &TaskTracker {
         &self.background
     }
+
+    fn flush(&self) {
+        if let Err(e) = self.flush_now() {
+            tracing::warn!(error = %e, "the disk store could not flush its write buffers");
+        }
+    }
 }

@@ -343,6 +343,26 @@ impl DiskStore {
     }
 }
 
+impl DiskStore {
+    /// Moves the write buffers (memtables) to tables and syncs: the next start replays
+    /// an empty journal, so it is quick and its memory is what the store needs, not what
+    /// the last run left in its buffers.
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        for keyspace in [
+            &self.ks.records,
+            &self.ks.claims,
+            &self.ks.expiry,
+            &self.ks.age,
+            &self.ks.meta,
+        ] {
+            keyspace.rotate_memtable_and_wait().map_err(unreadable)?;
+        }
+        self.db
+            .persist(fjall::PersistMode::SyncAll)
+            .map_err(unreadable)
+    }
+}
+
 fn in_flight(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -> InFlight {
     let (wake, _) = watch::channel(None);
     InFlight {
