@@ -54,7 +54,18 @@ pub struct Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so nginx's master takes its workers down with it (a SIGKILL left
+    /// them running, orphaned, after each run); SIGKILL after 5 s.
     fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
