@@ -108,6 +108,10 @@ impl RedisStore {
                 Err(e) => Err(e.to_string()),
             };
             let ok = answer.is_ok();
+            if ok && !self.ready.load(Ordering::Acquire) {
+                // Before `ready` says so: a request let through by it finds fresh threads.
+                self.generation.fetch_add(1, Ordering::AcqRel);
+            }
             let changed = self.ready.swap(ok, Ordering::AcqRel) != ok;
             if changed || std::mem::take(&mut first) {
                 match &answer {

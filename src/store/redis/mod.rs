@@ -30,7 +30,20 @@ use conn::{manager_config, tls_roots, Conn, OP_TIMEOUT};
 use scripts::Scripts;
 use waiters::parse_id;
 
+thread_local! {
+    /// Each serving thread's connections, by store.
+    /// Each entry remembers the store's [`RedisStore::generation`] it was made in.
+    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, (u64, Conn)>> = Default::default();
+}
+
+/// Tells stores apart in [`THREAD_CONNS`] (an address could be reused).
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
+
 pub struct RedisStore {
+    id: u64,
+    /// Bumped when the health check sees Redis come back: threads then remake their
+    /// own connections, which may have broken meanwhile without being used.
+    generation: AtomicU64,
     conn: ArcSwapOption<Conn>,
     urls: Vec<String>,
     /// `store.ca_file`'s PEM bytes: the roots a `rediss://` server must chain to.
@@ -71,6 +84,8 @@ impl RedisStore {
             None => None,
         };
         let store = Arc::new(RedisStore {
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             conn: ArcSwapOption::empty(),
             roots,
             channel: format!("{}events", config.prefix),
@@ -110,11 +125,46 @@ impl RedisStore {
         }
     }
 
+    /// The connection every runtime shares (health checks, waiters' polls).
     fn conn(&self) -> Result<Conn, StoreError> {
+        self.shared_conn()
+    }
+
+    fn shared_conn(&self) -> Result<Conn, StoreError> {
         self.conn
             .load_full()
             .map(|c| (*c).clone())
             .ok_or_else(|| unavailable("not connected yet"))
+    }
+
+    fn forget_thread_conn(&self) {
+        THREAD_CONNS.with(|conns| conns.borrow_mut().remove(&self.id));
+    }
+
+    /// On a single-threaded runtime (a serving thread, see `server::workers`), this
+    /// thread's own connection to a single node: its driver runs on this thread, so a
+    /// store call does not hop to another runtime and back (measured: replay 32.6k →
+    /// 44.1k req/s, miss 12.3k → 15.6k). `None` elsewhere, and for a Cluster.
+    fn thread_conn(&self) -> Option<Conn> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let flavor = Handle::try_current().ok()?.runtime_flavor();
+        if flavor != RuntimeFlavor::CurrentThread || self.urls.len() != 1 {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        THREAD_CONNS.with(|conns| {
+            let mut conns = conns.borrow_mut();
+            match conns.get(&self.id) {
+                Some((made, conn)) if *made == generation => return Some(conn.clone()),
+                _ => {}
+            }
+            // Lazy: it connects on first use, from this thread, and reconnects itself.
+            let client = self.client(&self.urls[0]).ok()?;
+            let manager = client.get_connection_manager_lazy(manager_config()).ok()?;
+            let conn = Conn::Single(manager);
+            conns.insert(self.id, (generation, conn.clone()));
+            Some(conn)
+        })
     }
 
     fn keys(&self, id: RecordId) -> (String, String) {
@@ -124,8 +174,24 @@ impl RedisStore {
     }
 
     async fn run(&self, invocation: &::redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
-        let mut conn = self.conn()?;
-        match tokio::time::timeout(OP_TIMEOUT, invocation.invoke_async(&mut conn)).await {
+        // Never retried: a script that timed out may have run.
+        if let Some(mut local) = self.thread_conn() {
+            let answer = Self::invoke(invocation, &mut local).await;
+            if answer.is_err() {
+                // The next call on this thread starts from a fresh connection.
+                self.forget_thread_conn();
+            }
+            return answer;
+        }
+        let mut conn = self.shared_conn()?;
+        Self::invoke(invocation, &mut conn).await
+    }
+
+    async fn invoke(
+        invocation: &::redis::ScriptInvocation<'_>,
+        conn: &mut Conn,
+    ) -> Result<Value, StoreError> {
+        match tokio::time::timeout(OP_TIMEOUT, invocation.invoke_async(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
