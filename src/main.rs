@@ -108,7 +108,14 @@ async fn demo(listen: std::net::SocketAddr, admin: std::net::SocketAddr) -> Resu
 }
 
 fn block_on(fut: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The proxy listener is served on runtimes of its own (one per core, see
+    // `server::workers`); this one runs the acceptor, admin, record API and the store's
+    // background work, for which one thread is plenty (and one fewer malloc arena).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
