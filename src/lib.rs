@@ -4,7 +4,8 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML file, read with spans, validated into typed values.
-//! - [`server`]: accept loop (TLS, HTTP/1.1 + HTTP/2, limits, drain) and the admin listener.
+//! - [`server`]: accept loop (TLS, HTTP/1.1 + HTTP/2, limits, drain), the serving threads
+//!   (one single-threaded runtime per core) and the admin listener.
 //! - [`proxy`]: the request pipeline: pass-through streaming, and on enforced routes
 //!   route → key → body → fingerprint → store → replay | wait | forward and record.
 //! - [`reload`]: SIGHUP swaps routes and idempotency settings atomically.
@@ -12,7 +13,7 @@
 //! - [`error`]: the one mapping from failures to problem+json responses.
 //! - [`metrics`]: Prometheus series for the admin listener.
 //! - [`body`]: the body type shared by every stage.
-//! - [`store`]: records, claims, and the memory store.
+//! - [`store`]: the store contract (records, claims) and its backends: memory, Redis, disk.
 //! - [`demo`]: the built-in orders API behind `idemgate demo`.
 //! - [`telemetry`]: logging set-up.
 //!
