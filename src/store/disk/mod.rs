@@ -144,9 +144,12 @@ impl DiskStore {
         lease: Option<Duration>,
         if_orphaned: Option<Duration>,
     ) -> Result<Begin, StoreError> {
-        // A record only exists once completed: no lock needed to replay it.
-        if let Some(record) = self.live_record(&id)? {
-            return Ok(Begin::Completed(record));
+        // A record only exists once completed: no lock needed to replay it, except in
+        // `strict`, where a record is not replayed before its sync (the map says so).
+        if !self.syncer.strict() {
+            if let Some(record) = self.live_record(&id)? {
+                return Ok(Begin::Completed(record));
+            }
         }
         let (token, ticket) = match self.claim_locked(id, fingerprint, lease, if_orphaned)? {
             Ok(claimed) => claimed,
@@ -237,6 +240,22 @@ impl DiskStore {
     ) -> Result<(), StoreError> {
         let (claim, ticket) = self.complete_locked(id, token, encoded, ttl)?;
         let durable = self.syncer.durable(ticket).await;
+        let claim = match claim {
+            Some(claim) => claim,
+            // Strict: the claim stayed in the map until now, so no duplicate replayed
+            // the record before it was on disk.
+            None => {
+                let mut state = self.lock();
+                match state.inflight.remove(&id) {
+                    Some(held) if held.token == token => held,
+                    Some(other) => {
+                        state.inflight.insert(id, other);
+                        return durable;
+                    }
+                    None => return durable,
+                }
+            }
+        };
         // Waiters replay it either way: it is in the journal, and a failed sync marks
         // the store unhealthy for what comes next.
         claim.wake.send_replace(Some(Woke::Completed));
@@ -250,7 +269,7 @@ impl DiskStore {
         token: Token,
         encoded: Encoded,
         ttl: Duration,
-    ) -> Result<(InFlight, u64), StoreError> {
+    ) -> Result<(Option<InFlight>, u64), StoreError> {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state, id, token)?;
         let mut batch = self.db.batch();
@@ -286,7 +305,16 @@ impl DiskStore {
             i64::from(replaced == 0),
         );
         sweep::evict_over_bound(self, &mut state);
-        Ok((claim, ticket))
+        if self.syncer.strict() {
+            // Until its sync, a duplicate sees the request in flight and waits.
+            let pending = InFlight {
+                expires: None,
+                ..claim
+            };
+            state.inflight.insert(id, pending);
+            return Ok((None, ticket));
+        }
+        Ok((Some(claim), ticket))
     }
 
     /// Removes the index entries of the record `id` holds now (an expired one that is

@@ -88,6 +88,10 @@ impl Syncer {
         }
     }
 
+    pub fn strict(&self) -> bool {
+        self.inner.strict
+    }
+
     /// A sync failed: the journal cannot be trusted to reach the disk any more.
     pub fn failed(&self) -> bool {
         self.inner.synced.borrow().failed
