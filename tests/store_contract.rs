@@ -156,7 +156,33 @@ contract!(
     only_the_tokens_owner_may_complete_or_release,
     records_expire_after_their_relative_ttl,
     the_in_flight_fingerprint_is_reported_for_mismatch,
+    a_spent_token_cannot_complete_release_or_renew_again,
 );
+
+async fn a_spent_token_cannot_complete_release_or_renew_again(kind: &str) {
+    let p = pair(kind).await;
+    let token = claim(&p.a, 10, p.a.claim_lease()).await.detach();
+    p.a.clone()
+        .complete(id(10), token, record("first"), TTL)
+        .await
+        .unwrap();
+    // On the disk store in strict mode this runs while the record may still be syncing.
+    assert_eq!(
+        p.b.clone()
+            .complete(id(10), token, record("again"), TTL)
+            .await,
+        Err(StoreError::LeaseLost)
+    );
+    assert_eq!(
+        p.b.clone().release(id(10), token).await,
+        Err(StoreError::LeaseLost)
+    );
+    assert_eq!(
+        p.b.clone().renew(id(10), token, TTL).await,
+        Err(StoreError::LeaseLost)
+    );
+    assert_eq!(body_of(&p.b, 10).await.as_deref(), Some(&b"first"[..]));
+}
 
 async fn completion_wakes_a_waiter_on_another_replica_with_the_record(kind: &str) {
     let p = pair(kind).await;

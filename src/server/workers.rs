@@ -79,9 +79,14 @@ impl Workers {
             let (tx, rx) = mpsc::unbounded_channel();
             let (done, stopped) = oneshot::channel();
             let thread_shared = shared.clone();
+            // Built here, so a runtime that cannot start stops the start.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start a serving thread's runtime: {e}"))?;
             std::thread::Builder::new()
                 .name(format!("idemgate-serve-{n}"))
-                .spawn(move || serve_thread(rx, upstream, &thread_shared, done))
+                .spawn(move || serve_thread(runtime, rx, upstream, &thread_shared, done))
                 .map_err(|e| format!("cannot start a serving thread: {e}"))?;
             let open = Arc::new(AtomicUsize::new(0));
             lanes.push(Lane { tx, open, stopped });
@@ -98,12 +103,11 @@ impl Workers {
         while let Some((stream, peer, permit)) =
             admit(&listener, &self.connections, &self.stop).await
         {
-            let Some(lane) = self
-                .lanes
-                .iter()
-                .min_by_key(|l| l.open.load(Ordering::Relaxed))
-            else {
-                return;
+            // A thread that stopped (it cannot, short of a bug) takes no more connections.
+            let live = self.lanes.iter().filter(|l| !l.tx.is_closed());
+            let Some(lane) = live.min_by_key(|l| l.open.load(Ordering::Relaxed)) else {
+                tracing::error!("every serving thread stopped: no longer accepting");
+                break;
             };
             let stream = match stream.into_std() {
                 Ok(s) => s,
@@ -117,7 +121,9 @@ impl Workers {
                 _permit: permit,
                 open: lane.open.clone(),
             };
-            let _ = lane.tx.send(Admitted { stream, peer, slot });
+            if lane.tx.send(Admitted { stream, peer, slot }).is_err() {
+                tracing::error!(%peer, "a serving thread stopped; connection closed");
+            }
         }
         drop(listener);
         for lane in self.lanes {
@@ -128,21 +134,12 @@ impl Workers {
 }
 
 fn serve_thread(
+    runtime: tokio::runtime::Runtime,
     mut rx: mpsc::UnboundedReceiver<Admitted>,
     upstream: Upstream,
     shared: &Shared,
     done: oneshot::Sender<()>,
 ) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start a serving thread's runtime");
-            return;
-        }
-    };
     runtime.block_on(async move {
         let proxy = shared.proxy.with_upstream(upstream);
         let handler = Handler::new(

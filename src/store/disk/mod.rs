@@ -55,7 +55,8 @@ pub struct DiskStore {
     bytes: AtomicU64,
     evicted_early: AtomicU64,
     lease_lost: AtomicU64,
-    /// False after a write failed (a full disk, say) until one succeeds again.
+    /// False after a write failed (a full disk, say). fjall refuses every write after a
+    /// failed journal write, so in practice it stays false until a restart.
     healthy: AtomicBool,
     background: TaskTracker,
 }
@@ -155,12 +156,12 @@ impl DiskStore {
             Ok(claimed) => claimed,
             Err(found) => return Ok(found),
         };
-        if let Err(e) = self.syncer.durable(ticket).await {
-            // Not on disk: the request must not run. Free the key again.
-            let _ = self.clone().release_now(id, token);
-            return Err(e);
-        }
-        Ok(Begin::Claimed(Claim::new(self.clone(), id, token, lease)))
+        // The guard exists before the wait: should the caller go away meanwhile (a client
+        // that disconnects), dropping it releases the claim.
+        let claim = Claim::new(self.clone(), id, token, lease);
+        // Not on disk: the request must not run; dropping the guard frees the key.
+        self.syncer.durable(ticket).await?;
+        Ok(Begin::Claimed(claim))
     }
 
     /// Under the lock: what is there for `id`, or a new claim (its token and sync ticket).
@@ -197,7 +198,7 @@ impl DiskStore {
         let claim = ClaimValue {
             token,
             fingerprint,
-            lease_until_ms: lease.map_or(0, |l| layout::now_ms() + layout::ms(l)),
+            lease_until_ms: lease.map_or(0, |l| layout::now_ms().saturating_add(layout::ms(l))),
             if_orphaned,
         };
         let mut batch = self.db.batch();
@@ -239,27 +240,36 @@ impl DiskStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let (claim, ticket) = self.complete_locked(id, token, encoded, ttl)?;
-        let durable = self.syncer.durable(ticket).await;
-        let claim = match claim {
-            Some(claim) => claim,
-            // Strict: the claim stayed in the map until now, so no duplicate replayed
-            // the record before it was on disk.
-            None => {
-                let mut state = self.lock();
-                match state.inflight.remove(&id) {
-                    Some(held) if held.token == token => held,
-                    Some(other) => {
-                        state.inflight.insert(id, other);
-                        return durable;
-                    }
-                    None => return durable,
-                }
+        match claim {
+            Completed::Done(claim) => {
+                claim.wake.send_replace(Some(Woke::Completed));
+                self.syncer.durable(ticket).await
             }
-        };
-        // Waiters replay it either way: it is in the journal, and a failed sync marks
-        // the store unhealthy for what comes next.
-        claim.wake.send_replace(Some(Woke::Completed));
-        durable
+            Completed::Syncing(pending) => {
+                // The rest runs on its own, so a caller that goes away cannot leave the
+                // key looking in flight.
+                let store = self.clone();
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.background.spawn(async move {
+                    let durable = store.syncer.durable(ticket).await;
+                    store.finish_pending(id, pending);
+                    let _ = tx.send(durable);
+                });
+                rx.await
+                    .unwrap_or_else(|_| Err(StoreError::Unavailable("disk store stopped".into())))
+            }
+        }
+    }
+
+    /// Strict: the record is synced (or the sync failed: it is in the journal, and the
+    /// store is unhealthy for what comes next); waiters may replay it now.
+    fn finish_pending(&self, id: RecordId, pending: Token) {
+        let mut state = self.lock();
+        if state.inflight.get(&id).is_some_and(|f| f.token == pending) {
+            if let Some(held) = state.inflight.remove(&id) {
+                held.wake.send_replace(Some(Woke::Completed));
+            }
+        }
     }
 
     /// Under the lock: writes the record, frees the claim, keeps `max_bytes`.
@@ -269,27 +279,22 @@ impl DiskStore {
         token: Token,
         encoded: Encoded,
         ttl: Duration,
-    ) -> Result<(Option<InFlight>, u64), StoreError> {
+    ) -> Result<(Completed, u64), StoreError> {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state, id, token)?;
         let mut batch = self.db.batch();
-        let replaced = self.unindex(&mut batch, &id)?;
+        let replaced = match self.ks.unindex(&mut batch, &id) {
+            Ok(r) => r,
+            Err(e) => {
+                state.inflight.insert(id, claim);
+                return Err(e);
+            }
+        };
         let head = RecordHead {
             expires_ms: layout::now_ms().saturating_add(layout::ms(ttl)),
             seq: state.next_seq,
         };
-        let size = encoded.weight() + layout::RECORD_OVERHEAD;
-        batch.insert(
-            &self.ks.records,
-            id.0,
-            layout::record_value(&head, encoded.as_bytes()),
-        );
-        batch.insert(&self.ks.expiry, layout::index_key(head.expires_ms, &id), []);
-        batch.insert(
-            &self.ks.age,
-            layout::index_key(head.seq, &id),
-            layout::size_value(size),
-        );
+        let size = self.ks.put_record(&mut batch, &id, &head, &encoded);
         batch.remove(&self.ks.claims, id.0);
         let ticket = match self.commit(batch) {
             Ok(t) => t,
@@ -306,28 +311,19 @@ impl DiskStore {
         );
         sweep::evict_over_bound(self, &mut state);
         if self.syncer.strict() {
-            // Until its sync, a duplicate sees the request in flight and waits.
-            let pending = InFlight {
+            // Until its sync, a duplicate sees the request in flight and waits. The entry
+            // gets a token of its own: the owner's renew, release or second complete is
+            // refused (LeaseLost), as once the claim is spent.
+            let pending = Token::random()?;
+            let held = InFlight {
+                token: pending,
                 expires: None,
                 ..claim
             };
-            state.inflight.insert(id, pending);
-            return Ok((None, ticket));
+            state.inflight.insert(id, held);
+            return Ok((Completed::Syncing(pending), ticket));
         }
-        Ok((Some(claim), ticket))
-    }
-
-    /// Removes the index entries of the record `id` holds now (an expired one that is
-    /// being replaced); returns its size, 0 if there was none.
-    fn unindex(&self, batch: &mut OwnedWriteBatch, id: &RecordId) -> Result<u64, StoreError> {
-        let Some(v) = self.ks.records.get(id.0).map_err(unreadable)? else {
-            return Ok(0);
-        };
-        let head = layout::parse_record(&v)?;
-        let size = (v.len() - layout::RECORD_BODY_AT) as u64 + layout::RECORD_OVERHEAD;
-        batch.remove(&self.ks.expiry, layout::index_key(head.expires_ms, id));
-        batch.remove(&self.ks.age, layout::index_key(head.seq, id));
-        Ok(size)
+        Ok((Completed::Done(claim), ticket))
     }
 
     /// Moves the byte and record counts by the given deltas.
@@ -361,7 +357,7 @@ impl DiskStore {
         let value = ClaimValue {
             token,
             fingerprint: claim.fingerprint,
-            lease_until_ms: layout::now_ms() + layout::ms(lease),
+            lease_until_ms: layout::now_ms().saturating_add(layout::ms(lease)),
             if_orphaned: None,
         };
         state.inflight.insert(id, claim);
@@ -389,6 +385,14 @@ impl DiskStore {
             .persist(fjall::PersistMode::SyncAll)
             .map_err(unreadable)
     }
+}
+
+/// What a completed claim leaves in the map until its waiters may be woken.
+enum Completed {
+    /// Relaxed: out of the map; wake its waiters.
+    Done(InFlight),
+    /// Strict: still in the map under this token until its record is synced.
+    Syncing(Token),
 }
 
 fn in_flight(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -> InFlight {

@@ -2,7 +2,7 @@
 //! and the claims a process that died left behind (SPEC §3 step 8: unknown outcomes).
 
 use fjall::config::{PartitioningPolicy, PinningPolicy};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
 use std::path::Path;
 
 use super::super::{Encoded, Fingerprint, RecordId, StoreError};
@@ -27,6 +27,38 @@ pub struct Keyspaces {
     pub expiry: Keyspace,
     pub age: Keyspace,
     pub meta: Keyspace,
+}
+
+impl Keyspaces {
+    /// Adds a record and its index entries to `batch`; returns the bytes it counts for.
+    pub fn put_record(
+        &self,
+        batch: &mut OwnedWriteBatch,
+        id: &RecordId,
+        head: &RecordHead,
+        encoded: &Encoded,
+    ) -> u64 {
+        let size = encoded.weight() + layout::RECORD_OVERHEAD;
+        let value = layout::record_value(head, encoded.as_bytes());
+        batch.insert(&self.records, id.0, value);
+        batch.insert(&self.expiry, layout::index_key(head.expires_ms, id), []);
+        let age = layout::index_key(head.seq, id);
+        batch.insert(&self.age, age, layout::size_value(size));
+        size
+    }
+
+    /// Removes from `batch` the index entries of the record `id` holds now (an expired
+    /// one being replaced); returns its size, 0 if there is none.
+    pub fn unindex(&self, batch: &mut OwnedWriteBatch, id: &RecordId) -> Result<u64, StoreError> {
+        let Some(v) = self.records.get(id.0).map_err(unreadable)? else {
+            return Ok(0);
+        };
+        let head = layout::parse_record(&v)?;
+        let size = (v.len() - layout::RECORD_BODY_AT) as u64 + layout::RECORD_OVERHEAD;
+        batch.remove(&self.expiry, layout::index_key(head.expires_ms, id));
+        batch.remove(&self.age, layout::index_key(head.seq, id));
+        Ok(size)
+    }
 }
 
 pub struct Opened {
@@ -170,19 +202,11 @@ fn recover_claims(o: &mut Opened, orphan: &OrphanRecord) -> Result<(), StoreErro
                     seq: o.next_seq,
                 };
                 o.next_seq += 1;
-                let size = encoded.weight() + layout::RECORD_OVERHEAD;
-                batch.insert(
-                    &o.ks.records,
-                    id.0,
-                    layout::record_value(&head, encoded.as_bytes()),
-                );
-                batch.insert(&o.ks.expiry, layout::index_key(head.expires_ms, &id), []);
-                batch.insert(
-                    &o.ks.age,
-                    layout::index_key(head.seq, &id),
-                    layout::size_value(size),
-                );
-                o.bytes += size;
+                // An expired record the sweep had not removed yet: replaced, not doubled.
+                let replaced = o.ks.unindex(&mut batch, &id)?;
+                o.bytes = o.bytes.saturating_sub(replaced);
+                o.records -= u64::from(replaced > 0 && o.records > 0);
+                o.bytes += o.ks.put_record(&mut batch, &id, &head, &encoded);
                 o.records += 1;
                 recorded += 1;
             }

@@ -91,8 +91,7 @@ fn expire(store: &DiskStore) -> Result<(usize, u64), StoreError> {
     let end = index_key(layout::now_ms(), &RecordId([0; 32]));
     let mut due = Vec::with_capacity(BATCH);
     for entry in store.ks.expiry.range(..end).take(BATCH) {
-        let key = entry.key().map_err(unreadable)?;
-        due.push(layout::parse_index_key(&key)?);
+        due.push(entry.key().map_err(unreadable)?);
     }
     if due.is_empty() {
         return Ok((0, 0));
@@ -100,15 +99,23 @@ fn expire(store: &DiskStore) -> Result<(usize, u64), StoreError> {
     let mut state = store.lock();
     let mut batch = store.db.batch();
     let (mut records, mut bytes) = (0i64, 0i64);
-    for (expires, id) in &due {
-        batch.remove(&store.ks.expiry, index_key(*expires, id));
+    for key in &due {
+        // Every entry scanned is removed, so a damaged one cannot stop the sweep.
+        batch.remove(&store.ks.expiry, key.clone());
+        let Ok((expires, id)) = layout::parse_index_key(key) else {
+            tracing::warn!("the disk store's expiry index held a damaged entry: removed");
+            continue;
+        };
         let Some(v) = store.ks.records.get(id.0).map_err(unreadable)? else {
             continue;
         };
-        let head = layout::parse_record(&v)?;
-        if head.expires_ms != *expires {
+        let Ok(head) = layout::parse_record(&v) else {
+            continue; // damaged: left for a replay to report
+        };
+        if head.expires_ms != expires {
             continue; // replaced since: this index entry was stale
         }
+        let id = &id;
         batch.remove(&store.ks.records, id.0);
         batch.remove(&store.ks.age, index_key(head.seq, id));
         records += 1;
@@ -165,16 +172,27 @@ fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
             break;
         }
         let (k, v) = entry.into_inner().map_err(unreadable)?;
-        let (seq, id) = layout::parse_index_key(&k)?;
+        // Every entry scanned is removed, so a damaged one cannot stop eviction.
+        batch.remove(&store.ks.age, k.clone());
+        let (Ok((seq, id)), Ok(size)) = (layout::parse_index_key(&k), layout::parse_size(&v))
+        else {
+            tracing::warn!("the disk store's age index held a damaged entry: removed");
+            continue;
+        };
         next_from = seq + 1;
-        let size = layout::parse_size(&v)?;
-        batch.remove(&store.ks.age, index_key(seq, &id));
-        if let Some(rv) = store.ks.records.get(id.0).map_err(unreadable)? {
-            let head = layout::parse_record(&rv)?;
-            batch.remove(&store.ks.records, id.0);
-            batch.remove(&store.ks.expiry, index_key(head.expires_ms, &id));
-            early += u64::from(head.expires_ms > now);
+        let Some(rv) = store.ks.records.get(id.0).map_err(unreadable)? else {
+            continue;
+        };
+        match layout::parse_record(&rv) {
+            // The record this entry was written for, not a newer one under the same id.
+            Ok(head) if head.seq == seq => {
+                batch.remove(&store.ks.expiry, index_key(head.expires_ms, &id));
+                early += u64::from(head.expires_ms > now);
+            }
+            Ok(_) => continue,
+            Err(_) => {}
         }
+        batch.remove(&store.ks.records, id.0);
         records += 1;
         bytes += size as i64;
         over = over.saturating_sub(size);

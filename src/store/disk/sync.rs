@@ -114,19 +114,27 @@ impl Inner {
 
 fn run(inner: &Inner, db: &Database) {
     let mut synced = 0;
+    let mut last = std::time::Instant::now();
     loop {
         let (target, stop) = {
             let mut state = inner.lock();
-            while state.written <= synced && !state.stop {
+            // Strict: as soon as there is something to sync. Relaxed: at most once a
+            // second (an fsync holds fjall's journal, and every write waits on it).
+            let due = |s: &State| {
+                s.stop || (s.written > synced && (inner.strict || last.elapsed() >= RELAXED_EVERY))
+            };
+            while !due(&state) {
                 state = if inner.strict {
                     inner.wake.wait(state).unwrap_or_else(|p| p.into_inner())
                 } else {
-                    let waited = inner.wake.wait_timeout(state, RELAXED_EVERY);
+                    let left = RELAXED_EVERY.saturating_sub(last.elapsed());
+                    let waited = inner.wake.wait_timeout(state, left.max(RELAXED_EVERY / 10));
                     waited.map(|w| w.0).unwrap_or_else(|p| p.into_inner().0)
                 };
             }
             (state.written, state.stop)
         };
+        last = std::time::Instant::now();
         if target > synced {
             match db.persist(PersistMode::SyncData) {
                 Ok(()) => {
