@@ -135,13 +135,18 @@ async fn killed_in_flight_runs_again_when_5xx_is_not_stored() {
 async fn run_to_exit(toml: &str, config_dir: &Path) -> (std::process::ExitStatus, String) {
     let path = config_dir.join("proxy.toml");
     std::fs::write(&path, toml.replace("{upstream}", "http://127.0.0.1:9")).unwrap();
+    run_command(idemgate(&path)).await
+}
+
+/// The binary on the config at `path`, its output captured.
+fn idemgate(path: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"));
     cmd.arg("--config")
-        .arg(&path)
+        .arg(path)
         .args(["--log-format", "json"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-    run_command(cmd).await
+    cmd
 }
 
 async fn run_command(mut cmd: std::process::Command) -> (std::process::ExitStatus, String) {
@@ -257,12 +262,7 @@ async fn a_directory_without_write_permission_is_a_clear_error() {
     let path = parent.path().join("proxy.toml");
     std::fs::write(&path, toml.replace("{upstream}", "http://127.0.0.1:9")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_idemgate"));
-    cmd.arg("--config")
-        .arg(&path)
-        .args(["--log-format", "json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+    let mut cmd = idemgate(&path);
     if running_as_root() {
         // Root ignores permission bits: run the binary as `nobody`, as a service would.
         use std::os::unix::process::CommandExt;
