@@ -58,10 +58,11 @@ impl Store for DiskStore {
     }
 
     fn stats(&self) -> StoreStats {
+        let state = self.lock();
         StoreStats {
-            records: self.records.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            inflight: self.lock().inflight.len() as u64,
+            records: state.records,
+            bytes: state.bytes,
+            inflight: state.inflight.len() as u64,
             evicted_before_ttl: self.evicted_early.load(Ordering::Relaxed),
             lease_lost: self.lease_lost.load(Ordering::Relaxed),
         }

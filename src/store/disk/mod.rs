@@ -36,6 +36,14 @@ pub use open::OrphanRecord;
 use open::{unreadable, Keyspaces};
 use sync::Syncer;
 
+impl State {
+    /// Moves the byte and record counts by the given deltas.
+    fn account(&mut self, bytes: i64, records: i64) {
+        self.bytes = self.bytes.saturating_add_signed(bytes);
+        self.records = self.records.saturating_add_signed(records);
+    }
+}
+
 struct State {
     inflight: HashMap<RecordId, InFlight>,
     next_seq: u64,
@@ -43,6 +51,7 @@ struct State {
     /// of walking the tombstones of what it already evicted.
     evict_from: u64,
     bytes: u64,
+    records: u64,
 }
 
 pub struct DiskStore {
@@ -51,8 +60,6 @@ pub struct DiskStore {
     state: Mutex<State>,
     max_bytes: u64,
     syncer: Syncer,
-    records: AtomicU64,
-    bytes: AtomicU64,
     evicted_early: AtomicU64,
     lease_lost: AtomicU64,
     /// False after a write failed (a full disk, say). fjall refuses every write after a
@@ -90,11 +97,10 @@ impl DiskStore {
                 next_seq: opened.next_seq,
                 evict_from: 0,
                 bytes: opened.bytes,
+                records: opened.records,
             }),
             max_bytes,
             syncer,
-            records: AtomicU64::new(opened.records),
-            bytes: AtomicU64::new(opened.bytes),
             evicted_early: AtomicU64::new(0),
             lease_lost: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
@@ -304,11 +310,7 @@ impl DiskStore {
             }
         };
         state.next_seq += 1;
-        self.account(
-            &mut state,
-            size as i64 - replaced as i64,
-            i64::from(replaced == 0),
-        );
+        state.account(size as i64 - replaced as i64, i64::from(replaced == 0));
         sweep::evict_over_bound(self, &mut state);
         if self.syncer.strict() {
             // Until its sync, a duplicate sees the request in flight and waits. The entry
@@ -324,18 +326,6 @@ impl DiskStore {
             return Ok((Completed::Syncing(pending), ticket));
         }
         Ok((Completed::Done(claim), ticket))
-    }
-
-    /// Moves the byte and record counts by the given deltas.
-    fn account(&self, state: &mut State, bytes: i64, records: i64) {
-        state.bytes = state.bytes.saturating_add_signed(bytes);
-        self.bytes.store(state.bytes, Ordering::Relaxed);
-        if records >= 0 {
-            self.records.fetch_add(records as u64, Ordering::Relaxed);
-        } else {
-            self.records
-                .fetch_sub(records.unsigned_abs(), Ordering::Relaxed);
-        }
     }
 
     fn release_now(self: Arc<Self>, id: RecordId, token: Token) -> Result<(), StoreError> {

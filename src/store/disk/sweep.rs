@@ -57,7 +57,7 @@ pub async fn run(store: Arc<DiskStore>, stop: CancellationToken) {
                 }
             }
         }
-        let live = store.bytes.load(Ordering::Relaxed);
+        let live = store.lock().bytes;
         if garbage >= COMPACT_AFTER && garbage >= live / 2 {
             garbage = 0;
             let ks = store.ks.clone();
@@ -122,7 +122,7 @@ fn expire(store: &DiskStore) -> Result<(usize, u64), StoreError> {
         bytes += (v.len() - layout::RECORD_BODY_AT) as i64 + layout::RECORD_OVERHEAD as i64;
     }
     store.commit(batch)?;
-    store.account(&mut state, -bytes, -records);
+    state.account(-bytes, -records);
     Ok((due.len(), bytes.unsigned_abs()))
 }
 
@@ -199,7 +199,7 @@ fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
     }
     store.commit(batch)?;
     state.evict_from = next_from;
-    store.account(state, -bytes, -records);
+    state.account(-bytes, -records);
     store.evicted_early.fetch_add(early, Ordering::Relaxed);
     Ok(())
 }

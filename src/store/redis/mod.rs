@@ -127,10 +127,6 @@ impl RedisStore {
 
     /// The connection every runtime shares (health checks, waiters' polls).
     fn conn(&self) -> Result<Conn, StoreError> {
-        self.shared_conn()
-    }
-
-    fn shared_conn(&self) -> Result<Conn, StoreError> {
         self.conn
             .load_full()
             .map(|c| (*c).clone())
@@ -183,7 +179,7 @@ impl RedisStore {
             }
             return answer;
         }
-        let mut conn = self.shared_conn()?;
+        let mut conn = self.conn()?;
         Self::invoke(invocation, &mut conn).await
     }
 
