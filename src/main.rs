@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use idemgate::telemetry::{self, LogFormat};
 
+/// jemalloc keeps a long-lived record's memory apart from the request-path churn around
+/// it, where glibc's arenas fragment (README, Performance, for the numbers).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "idemgate",
