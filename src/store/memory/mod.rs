@@ -1,21 +1,21 @@
-//! The embedded store: completed records in moka (LRU, weighed by their encoded bytes,
-//! bounded by `store.max_bytes`), in-flight claims in a map beside it that eviction never
-//! touches. One mutex orders begin, complete and release, so no request sees an id
-//! half-way between in-flight and completed.
+//! The embedded store: completed records in [`records`] (weighed by their encoded bytes,
+//! bounded by `store.max_bytes`, oldest evicted first), in-flight claims in a map beside
+//! them that eviction never touches. One mutex orders begin, complete and release, so no
+//! request sees an id half-way between in-flight and completed.
+
+mod records;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use moka::notification::RemovalCause;
-use moka::policy::{EvictionPolicy, Expiry};
-use moka::sync::Cache;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use super::*;
+use records::Records;
 
 pub(super) struct InFlight {
     pub(super) fingerprint: Fingerprint,
@@ -32,52 +32,29 @@ impl InFlight {
     }
 }
 
-/// What a cached record costs beyond its encoded bytes (its id, the cache entry and its
-/// timers, the allocation's rounding), so that `max_bytes` bounds the process's memory
-/// rather than just the payload. Measured through the binary (100k 1 KiB records under
-/// a 32 MiB bound): a record costs the process ~1.7 KB, up to ~2 KB under load with the
-/// serving threads' allocations spread over their own malloc arenas; 256 let the process
-/// grow 1.3–1.6× the bound.
-const ENTRY_OVERHEAD: u64 = 640;
+/// What a record costs the process beyond its encoded bytes (its slot and index entry,
+/// the allocation's rounding to a size class), so that `max_bytes` bounds the process's
+/// memory rather than just the payload. A 1 KiB record costs ~265 bytes beyond its
+/// encoding; through the binary, 100k of them under a 32 MiB bound grew the process by
+/// 30 MiB at 384 (tests/store_memory.rs).
+const ENTRY_OVERHEAD: u64 = 384;
 
-fn weight(s: &Stored) -> u64 {
-    s.encoded.weight() + ENTRY_OVERHEAD
-}
-
-/// A completed record and when it stops replaying (on the tokio clock, so tests with
-/// paused time see expiry).
-struct Stored {
-    encoded: Encoded,
-    expires_at: Instant,
-}
-
-struct StoredExpiry;
-
-impl Expiry<RecordId, Arc<Stored>> for StoredExpiry {
-    fn expire_after_create(
-        &self,
-        _: &RecordId,
-        s: &Arc<Stored>,
-        _: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(s.expires_at.saturating_duration_since(Instant::now()))
-    }
+struct State {
+    inflight: HashMap<RecordId, InFlight>,
+    records: Records,
 }
 
 pub struct MemoryStore {
-    inflight: Mutex<HashMap<RecordId, InFlight>>,
-    records: Cache<RecordId, Arc<Stored>>,
-    max_bytes: u64,
-    bytes: Arc<AtomicU64>,
-    evicted_early: Arc<AtomicU64>,
+    state: Mutex<State>,
     lease_lost: AtomicU64,
     /// Counts begins, to sweep lapsed leases now and then.
     begins: AtomicU64,
     background: TaskTracker,
 }
 
-/// Lapsed leases are swept every this many begins, so locks abandoned by record-API
-/// workers that died do not pile up (each id's own next begin also frees it).
+/// Lapsed leases and expired records are swept every this many begins, so locks
+/// abandoned by record-API workers that died do not pile up (each id's own next begin
+/// also frees it), and expired records are freed while no new ones arrive.
 const SWEEP_EVERY: u64 = 1024;
 
 pub(super) fn sweep_lapsed(inflight: &mut HashMap<RecordId, InFlight>, now: Instant) {
@@ -92,36 +69,21 @@ pub(super) fn sweep_lapsed(inflight: &mut HashMap<RecordId, InFlight>, now: Inst
 
 impl MemoryStore {
     pub fn new(max_bytes: u64) -> Arc<Self> {
-        let bytes = Arc::new(AtomicU64::new(0));
-        let evicted_early = Arc::new(AtomicU64::new(0));
-        let (b, e) = (bytes.clone(), evicted_early.clone());
-        let records = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_: &RecordId, s: &Arc<Stored>| u32::try_from(weight(s)).unwrap_or(u32::MAX))
-            .eviction_policy(EvictionPolicy::lru())
-            .expire_after(StoredExpiry)
-            .eviction_listener(move |_, s: Arc<Stored>, cause| {
-                b.fetch_sub(weight(&s), Ordering::AcqRel);
-                if matches!(cause, RemovalCause::Size) && s.expires_at > Instant::now() {
-                    e.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-            .build();
         Arc::new(MemoryStore {
-            inflight: Mutex::new(HashMap::new()),
-            records,
-            max_bytes,
-            bytes,
-            evicted_early,
+            state: Mutex::new(State {
+                inflight: HashMap::new(),
+                records: Records::new(max_bytes, ENTRY_OVERHEAD),
+            }),
             lease_lost: AtomicU64::new(0),
             begins: AtomicU64::new(0),
             background: TaskTracker::new(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<RecordId, InFlight>> {
-        // Every critical section is a single insert or remove: a poisoned map is whole.
-        self.inflight.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the maps whole between steps: a poisoned state is
+        // still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn begin_now(
@@ -131,9 +93,11 @@ impl MemoryStore {
         lease: Option<Duration>,
     ) -> Result<Begin, StoreError> {
         let now = Instant::now();
-        let mut inflight = self.lock();
+        let mut state = self.lock();
+        let State { inflight, records } = &mut *state;
         if self.begins.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == 0 {
-            sweep_lapsed(&mut inflight, now);
+            sweep_lapsed(inflight, now);
+            records.sweep(now, SWEEP_EVERY as usize);
         }
         match inflight.get(&id) {
             Some(f) if f.lapsed(now) => {
@@ -150,12 +114,11 @@ impl MemoryStore {
             }
             None => {}
         }
-        if let Some(stored) = self.records.get(&id) {
-            if stored.expires_at > now {
-                return stored.encoded.decode().map(Begin::Completed);
-            }
-            self.records.invalidate(&id);
+        if let Some(encoded) = records.get(&id, now).cloned() {
+            drop(state);
+            return encoded.decode().map(Begin::Completed);
         }
+        records.remove(&id);
         let token = Token::random()?;
         let (wake, _) = watch::channel(None);
         let expires = lease.map(|l| now + l);
@@ -168,7 +131,7 @@ impl MemoryStore {
                 wake,
             },
         );
-        drop(inflight);
+        drop(state);
         Ok(Begin::Claimed(Claim::new(self.clone(), id, token, lease)))
     }
 
@@ -200,18 +163,10 @@ impl MemoryStore {
         encoded: Encoded,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let mut inflight = self.lock();
-        let claim = self.take_owned(&mut inflight, id, token)?;
-        let stored = Arc::new(Stored {
-            encoded,
-            expires_at: Instant::now() + ttl,
-        });
-        self.bytes.fetch_add(weight(&stored), Ordering::AcqRel);
-        self.records.insert(id, stored);
-        if self.bytes.load(Ordering::Acquire) > self.max_bytes {
-            // moka evicts lazily; settle now so the bound holds whenever the lock is free.
-            self.records.run_pending_tasks();
-        }
+        let mut state = self.lock();
+        let claim = self.take_owned(&mut state.inflight, id, token)?;
+        let now = Instant::now();
+        state.records.insert(id, encoded, now + ttl, now);
         claim.wake.send_replace(Some(Woke::Completed));
         Ok(())
     }
@@ -258,16 +213,16 @@ impl Store for MemoryStore {
         token: Token,
         lease: Duration,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let mut inflight = self.lock();
-        let result = match self.take_owned(&mut inflight, id, token) {
+        let mut state = self.lock();
+        let result = match self.take_owned(&mut state.inflight, id, token) {
             Ok(mut f) => {
                 f.expires = Some(Instant::now() + lease);
-                inflight.insert(id, f);
+                state.inflight.insert(id, f);
                 Ok(())
             }
             Err(e) => Err(e),
         };
-        drop(inflight);
+        drop(state);
         ready(result)
     }
 
@@ -286,21 +241,21 @@ impl Store for MemoryStore {
         id: RecordId,
         token: Token,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
-        let mut inflight = self.lock();
-        let result = self.take_owned(&mut inflight, id, token).map(|f| {
+        let mut state = self.lock();
+        let result = self.take_owned(&mut state.inflight, id, token).map(|f| {
             f.wake.send_replace(Some(Woke::Released));
         });
-        drop(inflight);
+        drop(state);
         ready(result)
     }
 
     fn stats(&self) -> StoreStats {
-        let inflight = self.lock().len() as u64;
+        let state = self.lock();
         StoreStats {
-            records: self.records.entry_count(),
-            bytes: self.bytes.load(Ordering::Acquire),
-            inflight,
-            evicted_before_ttl: self.evicted_early.load(Ordering::Relaxed),
+            records: state.records.len(),
+            bytes: state.records.bytes(),
+            inflight: state.inflight.len() as u64,
+            evicted_before_ttl: state.records.evicted_early(),
             lease_lost: self.lease_lost.load(Ordering::Relaxed),
         }
     }
