@@ -2,10 +2,17 @@
 //! 64 KiB buffer flushed every 200 ms (and at once for warnings and errors), as nginx's
 //! `access_log ... buffer= flush=` does: a write syscall per request line cost the proxy
 //! about a tenth of its throughput.
+//!
+//! The per-request line in JSON is written by [`request_line`] itself rather than by
+//! `tracing`'s JSON formatter (field visitors, a `serde_json` map, a UTF-8 check of every
+//! fragment): the same keys in the same order for a fraction of the cost. `RUST_LOG`
+//! still decides whether it is written.
 
+use std::fmt::Write as _;
 use std::io::{BufWriter, IsTerminal, Stdout, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -34,6 +41,7 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_target(false)
         .with_writer(BufferedStdout);
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
     let result = match format {
         LogFormat::Json => builder
             .json()
@@ -44,6 +52,90 @@ pub fn init(format: LogFormat) {
     };
     // A second init (tests) keeps the first subscriber.
     drop(result);
+}
+
+/// Whether [`init`] chose JSON lines (then [`request_line`] writes its own).
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// What one request's log line says (the README's "Logs" section).
+pub struct RequestLine<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub outcome: &'a str,
+    pub status: u16,
+    pub record: &'a str,
+    pub upstream_ms: Option<f64>,
+}
+
+/// Logs one request at info under the target `idemgate::request`.
+pub fn request_line(l: &RequestLine<'_>) {
+    if !tracing::enabled!(target: "idemgate::request", tracing::Level::INFO) {
+        return;
+    }
+    if !JSON.load(Ordering::Relaxed) {
+        tracing::info!(
+            target: "idemgate::request",
+            method = l.method,
+            path = l.path,
+            route = l.route,
+            outcome = l.outcome,
+            status = l.status,
+            record = l.record,
+            upstream_ms = l.upstream_ms,
+            "request"
+        );
+        return;
+    }
+    thread_local! {
+        static LINE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    LINE.with(|line| {
+        let Ok(mut out) = line.try_borrow_mut() else {
+            return;
+        };
+        out.clear();
+        json_line(&mut out, l);
+        let _ = stdout().write_all(out.as_bytes());
+    });
+}
+
+fn json_line(out: &mut String, l: &RequestLine<'_>) {
+    let at = humantime::format_rfc3339_micros(SystemTime::now());
+    let _ = write!(
+        out,
+        "{{\"timestamp\":\"{at}\",\"level\":\"INFO\",\"message\":\"request\""
+    );
+    for (key, value) in [
+        ("method", l.method),
+        ("path", l.path),
+        ("route", l.route),
+        ("outcome", l.outcome),
+    ] {
+        json_field(out, key, value);
+    }
+    let _ = write!(out, ",\"status\":{}", l.status);
+    json_field(out, "record", l.record);
+    if let Some(ms) = l.upstream_ms {
+        let _ = write!(out, ",\"upstream_ms\":{ms}");
+    }
+    out.push_str("}\n");
+}
+
+/// `,"key":"value"` with the value escaped as JSON requires.
+fn json_field(out: &mut String, key: &str, value: &str) {
+    let _ = write!(out, ",\"{key}\":\"");
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
@@ -101,5 +193,37 @@ impl Write for Line {
 
     fn flush(&mut self) -> std::io::Result<()> {
         stdout().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_line_is_one_json_object_whatever_the_path() {
+        let mut out = String::new();
+        json_line(
+            &mut out,
+            &RequestLine {
+                method: "POST",
+                path: "/a\"b\\c\u{1}é",
+                route: "orders",
+                outcome: "forwarded",
+                status: 201,
+                record: "f314667ab840",
+                upstream_ms: Some(0.25),
+            },
+        );
+        assert!(out.ends_with("}\n") && out.matches('\n').count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["path"], "/a\"b\\c\u{1}é");
+        assert_eq!(v["message"], "request");
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["status"], 201);
+        assert_eq!(v["upstream_ms"], 0.25);
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'));
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys.len(), 10);
     }
 }

@@ -88,7 +88,9 @@ impl Proxy {
         let path = req.uri().path().to_string();
         let route = config.route(&method, &path);
         let (response, report) = match route {
-            Some(route) => enforce::handle(self, &config, route, req, conn).await,
+            // Boxed: the enforced path's state is large, and a pass-through request would
+            // otherwise carry (and copy) it too.
+            Some(route) => Box::pin(enforce::handle(self, &config, route, req, conn)).await,
             None => self.passthrough(req, conn).await,
         };
         let route_name = route.map(|r| &*r.name).unwrap_or("");
@@ -162,18 +164,14 @@ fn log_request(
     response: &Response<Body>,
     report: &Report,
 ) {
-    let outcome = report.outcome.map(Outcome::as_str).unwrap_or("");
     let record = report.record.map(|r| r.short()).unwrap_or_default();
-    let latency_ms = report.upstream_latency.map(|d| d.as_secs_f64() * 1000.0);
-    tracing::info!(
-        target: "idemgate::request",
-        %method,
+    crate::telemetry::request_line(&crate::telemetry::RequestLine {
+        method: method.as_str(),
         path,
         route,
-        outcome,
-        status = response.status().as_u16(),
-        record = record.as_str(),
-        upstream_ms = latency_ms,
-        "request"
-    );
+        outcome: report.outcome.map(Outcome::as_str).unwrap_or(""),
+        status: response.status().as_u16(),
+        record: &record,
+        upstream_ms: report.upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
+    });
 }
