@@ -55,9 +55,11 @@ impl Exchange {
     async fn run(self, req: Request<Body>) -> Outcome {
         let started = Instant::now();
         let deadline = started + self.upstream.timeout;
+        // The stages after the upstream's answer are boxed: inline, their state made the
+        // spawned task ~7 KB, copied on every spawn (~6% of a new key's CPU).
         let (response, upstream_error) = match self.upstream.send(req).await {
-            Err(failure) => (self.failed(failure).await, true),
-            Ok(resp) => self.received(resp, deadline).await,
+            Err(failure) => (Box::pin(self.failed(failure)).await, true),
+            Ok(resp) => Box::pin(self.received(resp, deadline)).await,
         };
         Outcome {
             response,

@@ -47,9 +47,12 @@ fn bare_parser_answer(head: &[u8]) -> Option<StatusCode> {
         return None;
     }
     let code = std::str::from_utf8(rest.get(..3)?).ok()?.parse().ok()?;
+    // Checked first: it is the cheap test, and every head the proxy writes comes here.
+    if !parser_status(code) {
+        return None;
+    }
     let lower = head.to_ascii_lowercase();
-    let bodiless = lower.windows(19).any(|w| w == b"\r\ncontent-length: 0");
-    if !parser_status(code) || !bodiless {
+    if !lower.windows(19).any(|w| w == b"\r\ncontent-length: 0") {
         return None;
     }
     StatusCode::from_u16(code).ok()
