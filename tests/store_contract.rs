@@ -370,6 +370,44 @@ async fn the_in_flight_fingerprint_is_reported_for_mismatch(kind: &str) {
     );
 }
 
+/// Waiters on other replicas learn of a completion from a message; a completion nobody
+/// waits for sends none (a message to every replica on every request was Redis's cost).
+#[tokio::test]
+async fn redis_publishes_a_completion_only_when_someone_waits() {
+    use futures_util::StreamExt;
+    let server = RedisServer::start().await;
+    let a = redis_store(server.url(), Duration::from_secs(30)).await;
+    let b = redis_store(server.url(), Duration::from_secs(30)).await;
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("test:events").await.unwrap();
+    let mut messages = pubsub.on_message();
+
+    let quiet = claim(&a, 20, a.claim_lease()).await;
+    quiet.complete(record("quiet"), TTL).await.unwrap();
+    let loud = claim(&a, 21, a.claim_lease()).await;
+    let Begin::InFlight { waiter, .. } = b.clone().begin(id(21), FP, None).await.unwrap() else {
+        panic!("expected in flight")
+    };
+    let woke = tokio::spawn(waiter.wait());
+    loud.complete(record("loud"), TTL).await.unwrap();
+
+    let first = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .unwrap()
+        .unwrap();
+    // Messages arrive in order: the first is the waited-for id's, so id 20 sent none.
+    assert_eq!(
+        first.get_payload_bytes(),
+        format!("{}:c", id(21).hex()).as_bytes()
+    );
+    tokio::time::timeout(Duration::from_secs(5), woke)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(body_of(&b, 21).await.as_deref(), Some(&b"loud"[..]));
+}
+
 #[tokio::test]
 async fn redis_refuses_a_record_written_by_a_future_version() {
     let server = RedisServer::start().await;

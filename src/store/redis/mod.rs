@@ -18,6 +18,7 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use waiters::WAITING_MS;
 
 use super::*;
 use crate::config::StoreConfig;
@@ -169,6 +170,11 @@ impl RedisStore {
         (record, lock)
     }
 
+    /// Set while someone waits on `id` (see `scripts`); same hash tag as the lock.
+    fn waiting_key(&self, id: RecordId) -> String {
+        format!("{}{{{}}}:w", self.prefix, id.hex())
+    }
+
     async fn run(&self, invocation: &::redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
         // Never retried: a script that timed out may have run.
         if let Some(mut local) = self.thread_conn() {
@@ -216,7 +222,8 @@ impl RedisStore {
         let value = format!("{}{}", token.hex(), hex(&fp.0));
         let lease_ms = lease.as_millis().max(1) as u64;
         let mut call = self.scripts.begin.key(&record);
-        call.key(&lock).arg(&value).arg(lease_ms);
+        call.key(&lock).key(self.waiting_key(id));
+        call.arg(&value).arg(lease_ms).arg(WAITING_MS);
         let answer = self.run(&call).await?;
         let items = match answer {
             Value::Array(items) => items,
@@ -305,6 +312,7 @@ impl Store for RedisStore {
             let message = format!("{}:c", id.hex());
             let mut call = self.scripts.complete.key(&key);
             call.key(&lock)
+                .key(self.waiting_key(id))
                 .arg(token.hex())
                 .arg(record.as_bytes().as_ref());
             call.arg(ttl_ms).arg(&self.channel).arg(&message);
@@ -322,6 +330,7 @@ impl Store for RedisStore {
             let (_, lock) = self.keys(id);
             let message = format!("{}:r", id.hex());
             let mut call = self.scripts.release.key(&lock);
+            call.key(self.waiting_key(id));
             call.arg(token.hex()).arg(&self.channel).arg(&message);
             let answer = self.run(&call).await?;
             self.owned(answer)

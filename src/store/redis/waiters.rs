@@ -13,6 +13,10 @@ use crate::store::{RecordId, Woke};
 /// How often a waiter re-checks the holder when no message arrives.
 const WAIT_POLL: Duration = Duration::from_millis(250);
 
+/// How long a waiter's `:w` mark lasts; each poll renews it, so it outlives the waiter
+/// by at most this.
+pub(super) const WAITING_MS: u64 = 4 * WAIT_POLL.as_millis() as u64;
+
 impl RedisStore {
     /// Waits for a message about `id`, re-checking the lock every [`WAIT_POLL`].
     pub(super) async fn wait(self: Arc<Self>, id: RecordId) -> Woke {
@@ -29,16 +33,24 @@ impl RedisStore {
             rx: rx.clone(),
         };
         let (_, lock) = self.keys(id);
+        let waiting = self.waiting_key(id);
         loop {
             // Subscribed first, then checked: a completion in between is not missed.
             let mut conn = match self.conn() {
                 Ok(c) => c,
                 Err(e) => return Woke::Failed(e),
             };
-            let mut cmd = ::redis::cmd("EXISTS");
-            cmd.arg(&lock);
-            let exists = tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<i64>(&mut conn)).await;
-            match exists {
+            let mut poll = ::redis::pipe();
+            poll.cmd("SET")
+                .arg(&waiting)
+                .arg("1")
+                .arg("PX")
+                .arg(WAITING_MS)
+                .ignore();
+            poll.cmd("EXISTS").arg(&lock);
+            let exists =
+                tokio::time::timeout(OP_TIMEOUT, poll.query_async::<(i64,)>(&mut conn)).await;
+            match exists.map(|r| r.map(|(n,)| n)) {
                 Ok(Ok(0)) => return Woke::LeaseExpired,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Woke::Failed(unavailable(e)),
