@@ -454,3 +454,40 @@ async fn redis_down_is_unavailable_within_the_op_timeout_and_recovers() {
     );
     eventually!(store.ready(), "never ready again");
 }
+
+/// An expired record that a new claim replaces is counted once, on both disk modes: a
+/// claim that found no record skips reading it again at completion, one that found an
+/// expired record must still replace its index entries.
+#[tokio::test]
+async fn disk_counts_a_replaced_expired_record_once() {
+    for strict in [false, true] {
+        let (store, _dir) = disk_store(strict);
+        let first = claim(&store, 30, None).await;
+        first
+            .complete(record("old"), Duration::from_millis(200))
+            .await
+            .unwrap();
+        let one = store.stats();
+        assert_eq!(one.records, 1);
+        // Claimable again once expired; the sweep (every second) may not have run yet.
+        let mut again = None;
+        eventually!(
+            {
+                again = match store.clone().begin(id(30), FP, None).await {
+                    Ok(Begin::Claimed(c)) => Some(c),
+                    _ => None,
+                };
+                again.is_some()
+            },
+            "the record outlived its ttl"
+        );
+        let again = again.unwrap();
+        again.complete(record("new"), TTL).await.unwrap();
+        let two = store.stats();
+        assert_eq!((two.records, two.bytes), (1, one.bytes), "strict={strict}");
+        assert_eq!(body_of(&store, 30).await.as_deref(), Some(&b"new"[..]));
+        let fresh = claim(&store, 31, None).await;
+        fresh.complete(record("abc"), TTL).await.unwrap();
+        assert_eq!(store.stats().records, 2, "strict={strict}");
+    }
+}

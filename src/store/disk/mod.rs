@@ -62,6 +62,9 @@ pub struct DiskStore {
     syncer: Syncer,
     evicted_early: AtomicU64,
     lease_lost: AtomicU64,
+    /// Records written so far: unchanged between a look and the lock, the look still
+    /// holds, and the claim need not read the record again.
+    written: AtomicU64,
     /// False after a write failed (a full disk, say). fjall refuses every write after a
     /// failed journal write, so in practice it stays false until a restart.
     healthy: AtomicBool,
@@ -103,6 +106,7 @@ impl DiskStore {
             syncer,
             evicted_early: AtomicU64::new(0),
             lease_lost: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             background: TaskTracker::new(),
         });
@@ -132,16 +136,16 @@ impl DiskStore {
     }
 
     /// The completed record for `id`, if one is there and has not expired.
-    fn live_record(&self, id: &RecordId) -> Result<Option<Record>, StoreError> {
+    fn look(&self, id: &RecordId) -> Result<Look, StoreError> {
         let Some(v) = self.ks.records.get(id.0).map_err(unreadable)? else {
-            return Ok(None);
+            return Ok(Look::Absent);
         };
         let head = layout::parse_record(&v)?;
         if head.expires_ms <= layout::now_ms() {
-            return Ok(None);
+            return Ok(Look::Expired);
         }
         let encoded = Bytes::copy_from_slice(&v[layout::RECORD_BODY_AT..]);
-        Encoded::from_stored(encoded).decode().map(Some)
+        Encoded::from_stored(encoded).decode().map(Look::Live)
     }
 
     async fn begin_now(
@@ -153,12 +157,16 @@ impl DiskStore {
     ) -> Result<Begin, StoreError> {
         // A record only exists once completed: no lock needed to replay it, except in
         // `strict`, where a record is not replayed before its sync (the map says so).
+        let mut seen = None;
         if !self.syncer.strict() {
-            if let Some(record) = self.live_record(&id)? {
-                return Ok(Begin::Completed(record));
+            let written = self.written.load(Ordering::Acquire);
+            match self.look(&id)? {
+                Look::Live(record) => return Ok(Begin::Completed(record)),
+                look => seen = Some((written, look)),
             }
         }
-        let (token, ticket) = match self.claim_locked(id, fingerprint, lease, if_orphaned)? {
+        let claimed = self.claim_locked(id, fingerprint, lease, if_orphaned, seen)?;
+        let (token, ticket) = match claimed {
             Ok(claimed) => claimed,
             Err(found) => return Ok(found),
         };
@@ -178,6 +186,7 @@ impl DiskStore {
         fingerprint: Fingerprint,
         lease: Option<Duration>,
         if_orphaned: Option<Duration>,
+        seen: Option<(u64, Look)>,
     ) -> Result<Result<(Token, u64), Begin>, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
@@ -196,10 +205,16 @@ impl DiskStore {
             }
             None => {}
         }
-        // Completed between the first look and the lock.
-        if let Some(record) = self.live_record(&id)? {
-            return Ok(Err(Begin::Completed(record)));
-        }
+        // Completed between the first look and the lock? Only if a record was written.
+        let look = match seen {
+            Some((written, look)) if written == self.written.load(Ordering::Acquire) => look,
+            _ => self.look(&id)?,
+        };
+        let record_absent = match look {
+            Look::Live(record) => return Ok(Err(Begin::Completed(record))),
+            Look::Absent => true,
+            Look::Expired => false,
+        };
         let token = Token::random()?;
         let claim = ClaimValue {
             token,
@@ -211,9 +226,9 @@ impl DiskStore {
         batch.insert(&self.ks.claims, id.0, layout::claim_value(&claim));
         let ticket = self.commit(batch)?;
         let expires = lease.map(|l| now + l);
-        state
-            .inflight
-            .insert(id, in_flight(fingerprint, token, expires));
+        let mut claimed = in_flight(fingerprint, token, expires);
+        claimed.record_absent = record_absent;
+        state.inflight.insert(id, claimed);
         Ok(Ok((token, ticket)))
     }
 
@@ -289,7 +304,12 @@ impl DiskStore {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state, id, token)?;
         let mut batch = self.db.batch();
-        let replaced = match self.ks.unindex(&mut batch, &id) {
+        // Nothing was there when claimed, and only this claim could have written since.
+        let replaced = match claim.record_absent {
+            true => Ok(0),
+            false => self.ks.unindex(&mut batch, &id),
+        };
+        let replaced = match replaced {
             Ok(r) => r,
             Err(e) => {
                 state.inflight.insert(id, claim);
@@ -310,6 +330,7 @@ impl DiskStore {
             }
         };
         state.next_seq += 1;
+        self.written.fetch_add(1, Ordering::Release);
         state.account(size as i64 - replaced as i64, i64::from(replaced == 0));
         sweep::evict_over_bound(self, &mut state);
         if self.syncer.strict() {
@@ -392,7 +413,15 @@ fn in_flight(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -
         token,
         expires,
         wake,
+        record_absent: false,
     }
+}
+
+/// What a read of `id`'s record found.
+enum Look {
+    Absent,
+    Expired,
+    Live(Record),
 }
 
 impl Drop for DiskStore {

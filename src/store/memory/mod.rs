@@ -24,6 +24,9 @@ pub(super) struct InFlight {
     pub(super) expires: Option<Instant>,
     /// Every waiter's receiver learns why it woke.
     pub(super) wake: watch::Sender<Option<Woke>>,
+    /// The disk store saw no record at all under the id when claiming it, so completing
+    /// it replaces none (an unknown is `false`).
+    pub(super) record_absent: bool,
 }
 
 impl InFlight {
@@ -129,6 +132,7 @@ impl MemoryStore {
                 token,
                 expires,
                 wake,
+                record_absent: false,
             },
         );
         drop(state);
