@@ -41,7 +41,6 @@ pub fn init(format: LogFormat) {
         .with_env_filter(filter)
         .with_target(false)
         .with_writer(BufferedStdout);
-    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
     let result = match format {
         LogFormat::Json => builder
             .json()
@@ -50,8 +49,10 @@ pub fn init(format: LogFormat) {
             .try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
-    // A second init (tests) keeps the first subscriber.
-    drop(result);
+    // A second init (tests) keeps the first subscriber, and its format.
+    if result.is_ok() {
+        JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    }
 }
 
 /// Whether [`init`] chose JSON lines (then [`request_line`] writes its own).

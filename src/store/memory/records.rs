@@ -30,15 +30,16 @@ const NIL: u32 = u32::MAX;
 const CHUNK: usize = 4096;
 
 /// Slots the clock hand visits on each insert: enough that expired records are freed
-/// faster than new ones arrive, few enough that an insert stays cheap.
-const SWEEP_PER_INSERT: usize = 8;
+/// well before a full store must evict live ones for them, few enough that an insert
+/// stays cheap (a pass over consecutive slots).
+const SWEEP_PER_INSERT: usize = 32;
 
 struct Slot {
     id: RecordId,
     /// `None`: a free slot, linked through `next` in the free list.
     encoded: Option<Encoded>,
-    /// Milliseconds after the store's epoch, on the tokio clock (tests pause it).
-    expires_ms: u64,
+    /// Microseconds after the store's epoch, on the tokio clock (tests pause it).
+    expires_us: u64,
     /// Neighbours in completion order (or the next free slot).
     prev: u32,
     next: u32,
@@ -107,8 +108,16 @@ impl Records {
         self.evicted_early
     }
 
-    fn ms(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    /// Microseconds since the epoch, rounded down: for "now".
+    fn us(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Microseconds since the epoch, rounded up: for an expiry, so that a record never
+    /// stops replaying before its ttl (and at most 1 µs after it).
+    fn us_up(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos.div_ceil(1_000)).unwrap_or(u64::MAX)
     }
 
     fn weight(&self, encoded: &Encoded) -> u64 {
@@ -147,7 +156,7 @@ impl Records {
     /// The record, if it is held and has not expired.
     pub(super) fn get(&self, id: &RecordId, now: Instant) -> Option<&Encoded> {
         let slot = self.slot(self.find(id)?);
-        if slot.expires_ms <= self.ms(now) {
+        if slot.expires_us <= self.us(now) {
             return None;
         }
         slot.encoded.as_ref()
@@ -169,11 +178,17 @@ impl Records {
         now: Instant,
     ) {
         self.remove(&id);
-        self.bytes += self.weight(&encoded);
+        let weight = self.weight(&encoded);
+        if weight > self.max_bytes {
+            // It could never be held: keeping it would first evict every other record.
+            self.evicted_early += 1;
+            return;
+        }
+        self.bytes += weight;
         let slot = Slot {
             id,
             encoded: Some(encoded),
-            expires_ms: self.ms(expires),
+            expires_us: self.us_up(expires),
             prev: self.newest,
             next: NIL,
         };
@@ -195,22 +210,22 @@ impl Records {
 
     /// Frees the expired records among the next `budget` slots of the clock hand.
     pub(super) fn sweep(&mut self, now: Instant, budget: usize) {
-        let now_ms = self.ms(now);
+        let now_us = self.us(now);
         for _ in 0..budget.min(self.used) {
             self.hand = (self.hand + 1) % self.used;
             let s = self.hand as u32;
             let slot = self.slot(s);
-            if slot.encoded.is_some() && slot.expires_ms <= now_ms {
+            if slot.encoded.is_some() && slot.expires_us <= now_us {
                 self.free_slot(s);
             }
         }
     }
 
     fn evict(&mut self, now: Instant) {
-        let now_ms = self.ms(now);
+        let now_us = self.us(now);
         while self.bytes > self.max_bytes && self.oldest != NIL {
             let s = self.oldest;
-            if self.slot(s).expires_ms > now_ms {
+            if self.slot(s).expires_us > now_us {
                 self.evicted_early += 1;
             }
             self.free_slot(s);
@@ -295,6 +310,28 @@ mod tests {
         assert_eq!((r.len(), r.bytes(), r.evicted_early()), (2, 200, 1));
         assert!(r.get(&id(0), now).is_none());
         assert!(r.get(&id(1), now).is_some() && r.get(&id(2), now).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_heavier_than_the_bound_is_not_kept_and_evicts_nothing() {
+        let mut r = Records::new(250, 0);
+        let now = Instant::now();
+        r.insert(id(1), bytes(100), now + LATER, now);
+        r.insert(id(2), bytes(300), now + LATER, now);
+        assert_eq!((r.len(), r.bytes(), r.evicted_early()), (1, 100, 1));
+        assert!(r.get(&id(1), now).is_some() && r.get(&id(2), now).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_record_replays_until_its_full_ttl() {
+        let mut r = Records::new(1 << 20, 0);
+        tokio::time::advance(Duration::from_micros(300)).await;
+        let now = Instant::now();
+        r.insert(id(1), bytes(1), now + Duration::from_millis(5), now);
+        tokio::time::advance(Duration::from_micros(4_900)).await;
+        assert!(r.get(&id(1), Instant::now()).is_some());
+        tokio::time::advance(Duration::from_micros(100)).await;
+        assert!(r.get(&id(1), Instant::now()).is_none());
     }
 
     #[tokio::test(start_paused = true)]

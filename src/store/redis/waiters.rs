@@ -40,17 +40,14 @@ impl RedisStore {
                 Ok(c) => c,
                 Err(e) => return Woke::Failed(e),
             };
-            let mut poll = ::redis::pipe();
-            poll.cmd("SET")
-                .arg(&waiting)
-                .arg("1")
-                .arg("PX")
-                .arg(WAITING_MS)
-                .ignore();
-            poll.cmd("EXISTS").arg(&lock);
-            let exists =
-                tokio::time::timeout(OP_TIMEOUT, poll.query_async::<(i64,)>(&mut conn)).await;
-            match exists.map(|r| r.map(|(n,)| n)) {
+            // The mark first, best effort (a refused write only costs the message).
+            let mut mark = ::redis::cmd("SET");
+            mark.arg(&waiting).arg("1").arg("PX").arg(WAITING_MS);
+            let _ = tokio::time::timeout(OP_TIMEOUT, mark.query_async::<()>(&mut conn)).await;
+            let mut cmd = ::redis::cmd("EXISTS");
+            cmd.arg(&lock);
+            let exists = tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<i64>(&mut conn)).await;
+            match exists {
                 Ok(Ok(0)) => return Woke::LeaseExpired,
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Woke::Failed(unavailable(e)),
