@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fjall::{Database, OwnedWriteBatch};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -89,7 +88,7 @@ impl DiskStore {
             .into_iter()
             .map(|(id, c)| {
                 let left = Duration::from_millis(c.lease_until_ms.saturating_sub(wall));
-                (id, in_flight(c.fingerprint, c.token, Some(now + left)))
+                (id, InFlight::new(c.fingerprint, c.token, Some(now + left)))
             })
             .collect();
         let store = Arc::new(DiskStore {
@@ -226,7 +225,7 @@ impl DiskStore {
         batch.insert(&self.ks.claims, id.0, layout::claim_value(&claim));
         let ticket = self.commit(batch)?;
         let expires = lease.map(|l| now + l);
-        let mut claimed = in_flight(fingerprint, token, expires);
+        let mut claimed = InFlight::new(fingerprint, token, expires);
         claimed.record_absent = record_absent;
         state.inflight.insert(id, claimed);
         Ok(Ok((token, ticket)))
@@ -404,17 +403,6 @@ enum Completed {
     Done(InFlight),
     /// Strict: still in the map under this token until its record is synced.
     Syncing(Token),
-}
-
-fn in_flight(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -> InFlight {
-    let (wake, _) = watch::channel(None);
-    InFlight {
-        fingerprint,
-        token,
-        expires,
-        wake,
-        record_absent: false,
-    }
 }
 
 /// What a read of `id`'s record found.

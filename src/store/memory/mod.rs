@@ -30,6 +30,17 @@ pub(super) struct InFlight {
 }
 
 impl InFlight {
+    pub(super) fn new(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -> Self {
+        let (wake, _) = watch::channel(None);
+        InFlight {
+            fingerprint,
+            token,
+            expires,
+            wake,
+            record_absent: false,
+        }
+    }
+
     pub(super) fn lapsed(&self, now: Instant) -> bool {
         self.expires.is_some_and(|e| e <= now)
     }
@@ -123,17 +134,9 @@ impl MemoryStore {
         }
         records.remove(&id);
         let token = Token::random()?;
-        let (wake, _) = watch::channel(None);
-        let expires = lease.map(|l| now + l);
         inflight.insert(
             id,
-            InFlight {
-                fingerprint,
-                token,
-                expires,
-                wake,
-                record_absent: false,
-            },
+            InFlight::new(fingerprint, token, lease.map(|l| now + l)),
         );
         drop(state);
         Ok(Begin::Claimed(Claim::new(self.clone(), id, token, lease)))
