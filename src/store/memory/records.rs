@@ -261,13 +261,12 @@ impl Records {
         {
             entry.remove();
         }
-        let overhead = self.overhead;
         let slot = self.slot_mut(s);
         let Some(encoded) = slot.encoded.take() else {
             return;
         };
         let (prev, next) = (slot.prev, slot.next);
-        self.bytes = self.bytes.saturating_sub(encoded.weight() + overhead);
+        self.bytes = self.bytes.saturating_sub(self.weight(&encoded));
         match prev {
             NIL => self.oldest = next,
             p => self.slot_mut(p).next = next,
