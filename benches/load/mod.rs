@@ -4,9 +4,10 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod storm;
+pub use storm::storm;
 
 pub fn ensure(cmd: &str, package: &str) {
     let found = Command::new("sh")
@@ -327,90 +328,4 @@ pub fn memory_row(dir: &Path, upstream: &Proc, scripts: &Scripts, records: u64, 
         full.rps / empty.rps
     );
     let _ = fill.child.kill();
-}
-
-/// 1,000 concurrent requests with one key, the upstream taking 100 ms.
-pub fn storm(dir: &Path) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let port = slow_upstream(calls.clone()).await;
-        let proxy = Idemgate::start(dir, "storm", port, "");
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(2000)
-            .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let url = format!("http://127.0.0.1:{}/v1/orders", proxy.port);
-        // A retry storm arrives on clients' open keep-alive connections: open 1,000 first
-        // (pass-through GETs), so the row measures coalescing, not TCP handshakes.
-        let warm: Vec<_> = (0..1000)
-            .map(|_| {
-                let (client, url) = (client.clone(), url.clone());
-                tokio::spawn(async move {
-                    let req = http::Request::get(url).body(http_body_util::Full::new(bytes::Bytes::new())).unwrap();
-                    let resp = client.request(req).await.unwrap();
-                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-                })
-            })
-            .collect();
-        for w in warm {
-            w.await.unwrap();
-        }
-        let warm_calls = calls.load(Ordering::SeqCst);
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..1000)
-            .map(|_| {
-                let (client, url) = (client.clone(), url.clone());
-                tokio::spawn(async move {
-                    let req = http::Request::post(url)
-                        .header("idempotency-key", "storm")
-                        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
-                        .unwrap();
-                    let resp = client.request(req).await.unwrap();
-                    let status = resp.status();
-                    let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
-                    (status, started.elapsed())
-                })
-            })
-            .collect();
-        let mut slowest = Duration::ZERO;
-        let mut ok = 0;
-        for t in tasks {
-            let (status, took) = t.await.unwrap();
-            slowest = slowest.max(took);
-            ok += usize::from(status.is_success());
-        }
-        println!(
-            "storm: 1000 concurrent requests on one key over open connections, upstream 100 ms: {} upstream call(s), {ok} answered 2xx, slowest {:.1} ms (target: 1 call, all within 110 ms)",
-            calls.load(Ordering::SeqCst) - warm_calls,
-            slowest.as_secs_f64() * 1000.0
-        );
-    });
-}
-
-async fn slow_upstream(calls: Arc<AtomicUsize>) -> u16 {
-    use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let calls = calls.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        let mut resp = http::Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"{\"id\":1}"),
-                        ));
-                        *resp.status_mut() = http::StatusCode::CREATED;
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    port
 }
