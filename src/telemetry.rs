@@ -102,11 +102,9 @@ pub fn request_line(l: &RequestLine<'_>) {
 }
 
 fn json_line(out: &mut String, l: &RequestLine<'_>) {
-    let at = humantime::format_rfc3339_micros(SystemTime::now());
-    let _ = write!(
-        out,
-        "{{\"timestamp\":\"{at}\",\"level\":\"INFO\",\"message\":\"request\""
-    );
+    out.push_str("{\"timestamp\":\"");
+    timestamp(out, SystemTime::now());
+    out.push_str("\",\"level\":\"INFO\",\"message\":\"request\"");
     for (key, value) in [
         ("method", l.method),
         ("path", l.path),
@@ -115,7 +113,8 @@ fn json_line(out: &mut String, l: &RequestLine<'_>) {
     ] {
         json_field(out, key, value);
     }
-    let _ = write!(out, ",\"status\":{}", l.status);
+    out.push_str(",\"status\":");
+    out.push_str(itoa::Buffer::new().format(l.status));
     json_field(out, "record", l.record);
     if let Some(ms) = l.upstream_ms {
         let _ = write!(out, ",\"upstream_ms\":{ms}");
@@ -123,17 +122,57 @@ fn json_line(out: &mut String, l: &RequestLine<'_>) {
     out.push_str("}\n");
 }
 
+/// RFC 3339 in UTC with microseconds, as `tracing`'s JSON lines have it. The part up to
+/// the second is formatted once a second per thread; a line only adds its microseconds.
+fn timestamp(out: &mut String, now: SystemTime) {
+    thread_local! {
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with(|second| {
+        let Ok(mut second) = second.try_borrow_mut() else {
+            let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+            return;
+        };
+        if second.0 != since.as_secs() {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            second.1 = humantime::format_rfc3339_seconds(whole).to_string();
+            second.1.pop(); // the trailing `Z`
+            second.0 = since.as_secs();
+        }
+        out.push_str(&second.1);
+    });
+    let micros = since.subsec_micros();
+    out.push('.');
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(micros);
+    for _ in digits.len()..6 {
+        out.push('0');
+    }
+    out.push_str(digits);
+    out.push('Z');
+}
+
 /// `,"key":"value"` with the value escaped as JSON requires.
 fn json_field(out: &mut String, key: &str, value: &str) {
-    let _ = write!(out, ",\"{key}\":\"");
-    for c in value.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", u32::from(c));
+    out.push_str(",\"");
+    out.push_str(key);
+    out.push_str("\":\"");
+    if !value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(value);
+    } else {
+        for c in value.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if u32::from(c) < 0x20 => {
+                    let _ = write!(out, "\\u{:04x}", u32::from(c));
+                }
+                c => out.push(c),
             }
-            c => out.push(c),
         }
     }
     out.push('"');
@@ -226,5 +265,17 @@ mod tests {
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z')); // ok: test
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect(); // ok: test
         assert_eq!(keys.len(), 10);
+    }
+
+    #[test]
+    fn the_timestamp_reads_as_humantime_writes_it() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        // Leading zeros in the microseconds, a second boundary, and back again.
+        for micros in [0, 7, 999_999, 1_000_000, 1_000_042, 12_345, 3_000_000_001] {
+            let at = base + Duration::from_micros(micros);
+            let mut out = String::new();
+            timestamp(&mut out, at);
+            assert_eq!(out, humantime::format_rfc3339_micros(at).to_string());
+        }
     }
 }

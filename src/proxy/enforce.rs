@@ -55,7 +55,7 @@ pub async fn handle(
         },
         KeySource::JsonPointer(_) => None,
     };
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let server = &config.server;
     let limits = (server.max_request_body, server.body_read_timeout);
     let body = match buffer::read(body, &parts.headers, limits.0, limits.1).await {
@@ -76,16 +76,8 @@ pub async fn handle(
     };
     let id = fingerprint::record_id(policy, &parts.headers, &key);
     let fp = fingerprint::fingerprint(policy, &parts, &body);
-    headers::to_upstream(&mut parts, &conn, &proxy.upstream.base);
-    decide(
-        proxy,
-        config,
-        route,
-        id,
-        fp,
-        Request::from_parts(parts, body),
-    )
-    .await
+    let request = Request::from_parts(parts, body);
+    decide(proxy, config, route, id, fp, request, conn).await
 }
 
 /// Step 5 onwards: one atomic step on the store, then replay, wait or run. A waiter
@@ -97,6 +89,7 @@ async fn decide(
     id: RecordId,
     fp: Fingerprint,
     request: Request<Bytes>,
+    conn: ConnInfo,
 ) -> Handled {
     let policy = &route.policy;
     let mismatch = ProxyError::Mismatch {
@@ -116,10 +109,15 @@ async fn decide(
             Ok(b) => b,
             // A duplicate is in flight somewhere: never pass this one around the store.
             Err(_) if waited => return refuse(ProxyError::StoreUnavailable, Some(id)),
-            Err(e) => return store_failed(proxy, config, e, request, id).await,
+            Err(e) => {
+                return store_failed(proxy, config, e, upstream(proxy, request, conn), id).await
+            }
         };
         match begin {
-            Begin::Claimed(claim) => return run(proxy, route, fp, claim, request).await,
+            Begin::Claimed(claim) => {
+                let request = upstream(proxy, request, conn);
+                return run(proxy, route, fp, claim, request).await;
+            }
             Begin::Completed(rec) if rec.fingerprint != fp => return refuse(mismatch, Some(id)),
             Begin::InFlight { fingerprint, .. } if fingerprint != fp => {
                 return refuse(mismatch, Some(id))
@@ -165,6 +163,14 @@ async fn decide(
             }
         }
     }
+}
+
+/// The request's head rewritten for the upstream: only once it is to be sent, since a
+/// replay or a wait never needs it.
+fn upstream(proxy: &Proxy, request: Request<Bytes>, conn: ConnInfo) -> Request<Bytes> {
+    let (mut parts, body) = request.into_parts();
+    headers::to_upstream(&mut parts, &conn, &proxy.upstream.base);
+    Request::from_parts(parts, body)
 }
 
 async fn run(
