@@ -12,6 +12,7 @@
 
 pub mod claim;
 pub mod disk;
+mod fanout;
 pub mod memory;
 pub mod record;
 pub mod redis;

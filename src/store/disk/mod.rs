@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::memory::{waiter, InFlight};
+use super::memory::InFlight;
 use super::*;
 use layout::{ClaimValue, RecordHead};
 pub use open::OrphanRecord;
@@ -193,7 +193,7 @@ impl DiskStore {
             Some(f) if !f.lapsed(now) => {
                 return Ok(Err(Begin::InFlight {
                     fingerprint: f.fingerprint,
-                    waiter: waiter(f.wake.subscribe(), f.expires),
+                    waiter: super::fanout::waiter(id, f.token, f.wake.subscribe(), f.expires),
                     lease_left: f.expires.map(|e| e.saturating_duration_since(now)),
                 }))
             }

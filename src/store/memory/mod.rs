@@ -122,7 +122,7 @@ impl MemoryStore {
             Some(f) => {
                 return Ok(Begin::InFlight {
                     fingerprint: f.fingerprint,
-                    waiter: waiter(f.wake.subscribe(), f.expires),
+                    waiter: fanout::waiter(id, f.token, f.wake.subscribe(), f.expires),
                     lease_left: f.expires.map(|e| e.saturating_duration_since(now)),
                 })
             }
@@ -177,27 +177,6 @@ impl MemoryStore {
         claim.wake.send_replace(Some(Woke::Completed));
         Ok(())
     }
-}
-
-/// Wakes on the holder's complete or release, or when its lease would end (then the
-/// caller's next `begin` finds out whether it was renewed).
-pub(super) fn waiter(mut rx: watch::Receiver<Option<Woke>>, expires: Option<Instant>) -> Waiter {
-    Waiter::new(async move {
-        let woke = rx.wait_for(Option::is_some);
-        let lease_end = async {
-            match expires {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            w = woke => match w {
-                Ok(w) => w.clone().unwrap_or(Woke::Released),
-                Err(_) => Woke::Released,
-            },
-            _ = lease_end => Woke::LeaseExpired,
-        }
-    })
 }
 
 pub(super) fn ready<T: Send + 'static>(v: T) -> BoxFuture<'static, T> {
