@@ -132,19 +132,22 @@ fn timestamp(out: &mut String, now: SystemTime) {
     let since = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    SECOND.with(|second| {
+    let secs = since.as_secs();
+    let cached = SECOND.with(|second| {
         let Ok(mut second) = second.try_borrow_mut() else {
-            let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
-            return;
+            return false;
         };
-        if second.0 != since.as_secs() {
-            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs());
-            second.1 = humantime::format_rfc3339_seconds(whole).to_string();
-            second.1.pop(); // the trailing `Z`
-            second.0 = since.as_secs();
+        if second.0 != secs {
+            second.1.clear();
+            up_to_the_second(&mut second.1, secs);
+            second.0 = secs;
         }
         out.push_str(&second.1);
+        true
     });
+    if !cached {
+        up_to_the_second(out, secs);
+    }
     let micros = since.subsec_micros();
     out.push('.');
     let mut buf = itoa::Buffer::new();
@@ -154,6 +157,16 @@ fn timestamp(out: &mut String, now: SystemTime) {
     }
     out.push_str(digits);
     out.push('Z');
+}
+
+/// `2026-11-22T22:41:18`, without the `Z` (humantime cannot write years past 9999: then
+/// whatever it wrote, never a panic).
+fn up_to_the_second(out: &mut String, secs: u64) {
+    let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+    let _ = write!(out, "{}", humantime::format_rfc3339_seconds(whole));
+    if out.ends_with('Z') {
+        out.pop();
+    }
 }
 
 /// `,"key":"value"` with the value escaped as JSON requires.
@@ -277,5 +290,12 @@ mod tests {
             timestamp(&mut out, at);
             assert_eq!(out, humantime::format_rfc3339_micros(at).to_string());
         }
+        // Past what humantime can write (year 10000): a line, never a panic.
+        let mut out = String::new();
+        timestamp(
+            &mut out,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_800),
+        );
+        assert!(out.ends_with('Z'));
     }
 }

@@ -77,7 +77,11 @@ fn join(
 ) -> Arc<Group> {
     GROUPS.with(|groups| {
         let mut groups = groups.borrow_mut();
-        if let Some(group) = groups.live.get(&(id, token)).and_then(Weak::upgrade) {
+        // A group that already woke is never joined: its outcome may be stale for this
+        // waiter (a lease that ended and was renewed since keeps its token), and joining it
+        // would wake at once, with no yield, for as long as another waiter holds it.
+        let found = groups.live.get(&(id, token)).and_then(Weak::upgrade);
+        if let Some(group) = found.filter(|g| g.woke.get().is_none()) {
             return group;
         }
         if groups.live.len() >= groups.sweep_at {
@@ -182,6 +186,25 @@ mod tests {
         let c = tokio::spawn(waiter(id, token, rx, None).wait());
         drop(tx);
         assert_eq!(c.await.unwrap(), Woke::Released); // ok: test
+    }
+
+    /// A lease that ended and was renewed keeps its token: a waiter that asks again gets a
+    /// group of its own, not the one that already woke (which would wake it at once, again
+    /// and again, for as long as another waiter still held that group).
+    #[tokio::test(start_paused = true)]
+    async fn after_a_lease_ends_a_waiter_asking_again_waits_afresh() {
+        let (id, token) = claim(6);
+        let (tx, rx) = watch::channel(None);
+        let first_end = Instant::now() + Duration::from_secs(5);
+        let a = waiter(id, token, rx.clone(), Some(first_end));
+        let _b_not_yet_run = waiter(id, token, rx.clone(), Some(first_end));
+        assert_eq!(a.wait().await, Woke::LeaseExpired);
+        let renewed_end = Instant::now() + Duration::from_secs(5);
+        let again = tokio::spawn(waiter(id, token, rx, Some(renewed_end)).wait());
+        tokio::task::yield_now().await;
+        assert!(!again.is_finished());
+        tx.send_replace(Some(Woke::Completed));
+        assert_eq!(again.await.unwrap(), Woke::Completed); // ok: test
     }
 
     /// Two claims on one id (the first completed, a new one taken) never share a group.
