@@ -24,13 +24,32 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Who is on the other side of a client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// The peer's address as `X-Forwarded-For` appends it, rendered once per connection
+    /// rather than per request.
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let ip = peer.ip().to_string();
+        let peer_ip = HeaderValue::from_str(&ip).unwrap_or(HeaderValue::from_static(""));
+        ConnInfo { peer, tls, peer_ip }
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name)
 }
 
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most heads carry none: one pass over the names, rather than a lookup per name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -56,7 +75,7 @@ pub fn to_upstream(parts: &mut request::Parts, conn: &ConnInfo, upstream: &Uri) 
         }
         parts.headers.insert(X_FORWARDED_HOST, host.clone());
     }
-    append_forwarded_for(&mut parts.headers, conn.peer);
+    append_forwarded_for(&mut parts.headers, &conn.peer_ip);
     let proto = if conn.tls { "https" } else { "http" };
     parts
         .headers
@@ -74,23 +93,26 @@ fn client_host(parts: &request::Parts) -> Option<HeaderValue> {
     HeaderValue::from_str(authority.as_str()).ok()
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
+    let prev = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+    let value = match prev {
+        Some(prev) if !prev.trim().is_empty() => {
+            let ip = peer_ip.to_str().unwrap_or("");
+            HeaderValue::from_str(&format!("{prev}, {ip}")).ok()
+        }
+        _ => Some(peer_ip.clone()),
     };
     headers.remove(&X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    if let Some(v) = value {
         headers.insert(X_FORWARDED_FOR, v);
     }
 }
 
 fn upstream_uri(upstream: &Uri, original: &Uri) -> Uri {
-    let path_and_query = original
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
+    let path_and_query = match original.path_and_query() {
+        Some(pq) => pq.clone(),
+        None => http::uri::PathAndQuery::from_static("/"),
+    };
     let mut builder = Uri::builder();
     if let Some(s) = upstream.scheme() {
         builder = builder.scheme(s.clone());

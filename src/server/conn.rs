@@ -155,10 +155,11 @@ impl Conn {
         Error = Infallible,
         Future = impl std::future::Future<Output = Result<Response<Tracked>, Infallible>> + Send,
     > + Clone {
-        let (proxy, info, activity) = (self.proxy.clone(), self.info, self.activity.clone());
+        let (proxy, info, activity) =
+            (self.proxy.clone(), self.info.clone(), self.activity.clone());
         service_fn(move |req: Request<Incoming>| {
             let guard = activity.begin();
-            let (proxy, proto) = (proxy.clone(), proto.clone());
+            let (proxy, proto, info) = (proxy.clone(), proto.clone(), info.clone());
             async move {
                 let resp = match proto {
                     Proto::Http2(limit) if head_size(&req) > limit => {

@@ -147,10 +147,7 @@ impl Handler {
     /// Serves one connection; `slot` (its `max_connections` permit) is held until it ends.
     pub fn spawn(&self, stream: TcpStream, peer: SocketAddr, slot: impl Send + 'static) {
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            peer,
-            tls: self.tls.is_some(),
-        };
+        let info = ConnInfo::new(peer, self.tls.is_some());
         let conn = conn::Conn::new(
             self.settings.clone(),
             self.proxy.clone(),

@@ -128,16 +128,15 @@ impl MemoryStore {
             }
             None => {}
         }
-        if let Some(encoded) = records.get(&id, now).cloned() {
+        if let Some(encoded) = records.get_live(&id, now).cloned() {
             drop(state);
             return encoded.decode().map(Begin::Completed);
         }
-        records.remove(&id);
         let token = Token::random()?;
-        inflight.insert(
-            id,
-            InFlight::new(fingerprint, token, lease.map(|l| now + l)),
-        );
+        let mut claim = InFlight::new(fingerprint, token, lease.map(|l| now + l));
+        // No record is left under the id, and only this claim's complete can add one.
+        claim.record_absent = true;
+        inflight.insert(id, claim);
         drop(state);
         Ok(Begin::Claimed(Claim::new(self.clone(), id, token, lease)))
     }
@@ -173,7 +172,11 @@ impl MemoryStore {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state.inflight, id, token)?;
         let now = Instant::now();
-        state.records.insert(id, encoded, now + ttl, now);
+        if claim.record_absent {
+            state.records.insert_new(id, encoded, now + ttl, now);
+        } else {
+            state.records.insert(id, encoded, now + ttl, now);
+        }
         claim.wake.send_replace(Some(Woke::Completed));
         Ok(())
     }
