@@ -6,13 +6,11 @@ use std::time::Duration;
 
 use http::{Request, Response, Uri};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::pool::Pool;
 use crate::body::Body;
 use crate::config::UpstreamConfig;
 use crate::error::ProxyError;
@@ -45,9 +43,10 @@ impl From<UpstreamFailure> for ProxyError {
     }
 }
 
+/// One serving thread's way to the upstream: its own connections (see [`Pool`]).
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    pool: Arc<Pool>,
     pub base: Uri,
     pub timeout: Duration,
 }
@@ -65,11 +64,9 @@ impl Upstream {
             .enable_http1()
             .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(https);
+        let pool = Pool::new(https, config.url.clone(), Duration::from_secs(60));
         Ok(Upstream {
-            client,
+            pool: Arc::new(pool),
             base: config.url.clone(),
             timeout: config.timeout,
         })
@@ -78,16 +75,14 @@ impl Upstream {
     /// Sends a request whose head was already rewritten for the upstream and waits for
     /// the response head, at most `upstream.timeout`.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamFailure> {
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        match tokio::time::timeout(self.timeout, self.pool.send(req)).await {
             Err(_) => Err(UpstreamFailure::Timeout),
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamFailure::Refused(error_chain(&e))),
-            Ok(Err(e)) => Err(UpstreamFailure::Reset(error_chain(&e))),
+            Ok(result) => result,
         }
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -69,18 +69,27 @@ pub fn to_upstream(parts: &mut request::Parts, conn: &ConnInfo, upstream: &Uri) 
     strip_hop_by_hop(&mut parts.headers);
     // Bodies are re-framed: hyper derives the framing from the body we hand it.
     parts.headers.remove(header::CONTENT_LENGTH);
-    if let Some(host) = &host {
-        if !parts.headers.contains_key(header::HOST) {
-            parts.headers.insert(header::HOST, host.clone());
+    match &host {
+        Some(host) => {
+            if !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, host.clone());
+            }
+            parts.headers.insert(X_FORWARDED_HOST, host.clone());
         }
-        parts.headers.insert(X_FORWARDED_HOST, host.clone());
+        // HTTP/1.1 needs one: the upstream's own.
+        None => {
+            let authority = upstream.authority().map(|a| a.as_str()).unwrap_or("");
+            if let Ok(v) = HeaderValue::from_str(authority) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
     }
     append_forwarded_for(&mut parts.headers, &conn.peer_ip);
     let proto = if conn.tls { "https" } else { "http" };
     parts
         .headers
         .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    parts.uri = upstream_uri(upstream, &parts.uri);
+    parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
 }
 
@@ -108,22 +117,12 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
     }
 }
 
-fn upstream_uri(upstream: &Uri, original: &Uri) -> Uri {
-    let path_and_query = match original.path_and_query() {
-        Some(pq) => pq.clone(),
-        None => http::uri::PathAndQuery::from_static("/"),
-    };
-    let mut builder = Uri::builder();
-    if let Some(s) = upstream.scheme() {
-        builder = builder.scheme(s.clone());
+/// The path and query alone: the connection decides where the request goes.
+fn origin_form(original: &Uri) -> Uri {
+    match original.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
     }
-    if let Some(a) = upstream.authority() {
-        builder = builder.authority(a.clone());
-    }
-    builder
-        .path_and_query(path_and_query)
-        .build()
-        .unwrap_or_else(|_| upstream.clone())
 }
 
 /// Cleans an upstream response head before it goes back to the client.

@@ -8,6 +8,7 @@ pub mod forward;
 pub mod headers;
 pub mod key;
 pub mod outcome;
+mod pool;
 mod record;
 mod replay;
 
