@@ -66,7 +66,7 @@ pub struct RequestLine<'a> {
     pub outcome: &'a str,
     pub status: u16,
     pub record: &'a str,
-    pub upstream_ms: Option<f64>,
+    pub upstream: Option<Duration>,
 }
 
 /// Logs one request at info under the target `idemgate::request`.
@@ -83,7 +83,7 @@ pub fn request_line(l: &RequestLine<'_>) {
             outcome = l.outcome,
             status = l.status,
             record = l.record,
-            upstream_ms = l.upstream_ms,
+            upstream_ms = l.upstream.map(|d| d.as_secs_f64() * 1000.0),
             "request"
         );
         return;
@@ -116,8 +116,16 @@ fn json_line(out: &mut String, l: &RequestLine<'_>) {
     out.push_str(",\"status\":");
     out.push_str(itoa::Buffer::new().format(l.status));
     json_field(out, "record", l.record);
-    if let Some(ms) = l.upstream_ms {
-        let _ = write!(out, ",\"upstream_ms\":{ms}");
+    if let Some(d) = l.upstream {
+        // Milliseconds to the microsecond, without the float formatter.
+        let us = d.as_micros();
+        out.push_str(",\"upstream_ms\":");
+        out.push_str(itoa::Buffer::new().format(us / 1000));
+        let frac = (us % 1000) as u16;
+        out.push('.');
+        out.push(char::from(b'0' + (frac / 100) as u8));
+        out.push(char::from(b'0' + (frac / 10 % 10) as u8));
+        out.push(char::from(b'0' + (frac % 10) as u8));
     }
     out.push_str("}\n");
 }
@@ -254,6 +262,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn upstream_latency_is_milliseconds_to_the_microsecond() {
+        for (us, text) in [(40, "0.040"), (1_000, "1.000"), (999_999, "999.999")] {
+            let mut out = String::new();
+            let line = RequestLine {
+                method: "GET",
+                path: "/",
+                route: "",
+                outcome: "passthrough",
+                status: 200,
+                record: "",
+                upstream: Some(Duration::from_micros(us)),
+            };
+            json_line(&mut out, &line);
+            assert!(
+                out.ends_with(&format!(",\"upstream_ms\":{text}}}\n")),
+                "{out}"
+            );
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap(); // ok: test
+            assert_eq!(v["upstream_ms"].as_f64(), Some(us as f64 / 1000.0));
+        }
+    }
+
+    #[test]
     fn a_request_line_is_one_json_object_whatever_the_path() {
         let mut out = String::new();
         json_line(
@@ -265,7 +296,7 @@ mod tests {
                 outcome: "forwarded",
                 status: 201,
                 record: "f314667ab840",
-                upstream_ms: Some(0.25),
+                upstream: Some(Duration::from_micros(1_250_007)),
             },
         );
         assert!(out.ends_with("}\n") && out.matches('\n').count() == 1);
@@ -274,7 +305,8 @@ mod tests {
         assert_eq!(v["message"], "request");
         assert_eq!(v["level"], "INFO");
         assert_eq!(v["status"], 201);
-        assert_eq!(v["upstream_ms"], 0.25);
+        assert_eq!(v["upstream_ms"], 1250.007);
+        assert!(out.contains("\"upstream_ms\":1250.007}"), "{out}");
         assert!(v["timestamp"].as_str().unwrap().ends_with('Z')); // ok: test
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect(); // ok: test
         assert_eq!(keys.len(), 10);

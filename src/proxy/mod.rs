@@ -173,6 +173,6 @@ fn log_request(
         outcome: report.outcome.map(Outcome::as_str).unwrap_or(""),
         status: response.status().as_u16(),
         record: &record,
-        upstream_ms: report.upstream_latency.map(|d| d.as_secs_f64() * 1000.0),
+        upstream: report.upstream_latency,
     });
 }
