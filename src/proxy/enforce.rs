@@ -81,7 +81,8 @@ pub async fn handle(
 }
 
 /// Step 5 onwards: one atomic step on the store, then replay, wait or run. A waiter
-/// that wakes goes round again, fingerprint check included.
+/// that wakes goes round again, fingerprint check included, unless it was handed the
+/// record, which it replays after the same check.
 async fn decide(
     proxy: &Proxy,
     config: &Config,
@@ -122,25 +123,7 @@ async fn decide(
             Begin::InFlight { fingerprint, .. } if fingerprint != fp => {
                 return refuse(mismatch, Some(id))
             }
-            Begin::Completed(rec) => {
-                let response = match &route.duplicate_response {
-                    Some(d) => replay::duplicate(d, policy),
-                    None => replay::replay(&rec, policy),
-                };
-                let outcome = if waited {
-                    Outcome::Coalesced
-                } else {
-                    Outcome::Replayed
-                };
-                return (
-                    response,
-                    Report {
-                        outcome: Some(outcome),
-                        record: Some(id),
-                        upstream_latency: None,
-                    },
-                );
-            }
+            Begin::Completed(rec) => return answer_from(route, &rec, id, waited),
             Begin::InFlight { waiter, .. } => {
                 let busy = ProxyError::InProgress {
                     retry_after: RETRY_AFTER,
@@ -151,6 +134,10 @@ async fn decide(
                 let _waiting = proxy.inner.metrics.waiting(&route.name);
                 match tokio::time::timeout_at(deadline, waiter.wait()).await {
                     Err(_) => return refuse(busy, Some(id)),
+                    Ok(Woke::Recorded(rec)) if rec.fingerprint != fp => {
+                        return refuse(mismatch, Some(id))
+                    }
+                    Ok(Woke::Recorded(rec)) => return answer_from(route, &rec, id, true),
                     // Completed, released, lapsed or a failed poll: begin again decides,
                     // fingerprint included (a store still down then answers 503).
                     Ok(woke) => {
@@ -163,6 +150,26 @@ async fn decide(
             }
         }
     }
+}
+
+/// A replay of `rec` (or the route's fixed duplicate answer).
+fn answer_from(route: &Route, rec: &crate::store::Record, id: RecordId, waited: bool) -> Handled {
+    let policy = &route.policy;
+    let response = match &route.duplicate_response {
+        Some(d) => replay::duplicate(d, policy),
+        None => replay::replay(rec, policy),
+    };
+    let outcome = if waited {
+        Outcome::Coalesced
+    } else {
+        Outcome::Replayed
+    };
+    let report = Report {
+        outcome: Some(outcome),
+        record: Some(id),
+        upstream_latency: None,
+    };
+    (response, report)
 }
 
 /// The request's head rewritten for the upstream: only once it is to be sent, since a

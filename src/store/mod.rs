@@ -137,10 +137,14 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
-/// Why a waiter woke; in every case it goes back to [`Store::begin`], which decides.
+/// Why a waiter woke; it goes back to [`Store::begin`], which decides, unless it was
+/// handed the record itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Woke {
     Completed,
+    /// Completed, and this is the record: a storm's waiters replay it without each
+    /// asking the store again (the memory store; others send `Completed`).
+    Recorded(Arc<Record>),
     Released,
     /// The holder's lease ended without completion (it may have died), or the waiter's
     /// bounded poll found the holder gone.

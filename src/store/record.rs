@@ -16,7 +16,7 @@ const MAGIC: &[u8; 3] = b"IGR";
 pub const FORMAT_VERSION: u8 = 1;
 
 /// A completed exchange as it will be replayed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub fingerprint: Fingerprint,
     pub status: StatusCode,

@@ -172,12 +172,22 @@ impl MemoryStore {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state.inflight, id, token)?;
         let now = Instant::now();
+        let kept = encoded.clone();
         if claim.record_absent {
             state.records.insert_new(id, encoded, now + ttl, now);
         } else {
             state.records.insert(id, encoded, now + ttl, now);
         }
-        claim.wake.send_replace(Some(Woke::Completed));
+        drop(state);
+        // Waiters (no new one can join: the claim is gone) are handed the record, decoded
+        // once here rather than looked up and decoded by each of them.
+        let woke = match claim.wake.receiver_count() {
+            0 => Woke::Completed,
+            _ => kept
+                .decode()
+                .map_or(Woke::Completed, |r| Woke::Recorded(Arc::new(r))),
+        };
+        claim.wake.send_replace(Some(woke));
         Ok(())
     }
 }
