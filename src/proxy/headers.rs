@@ -85,10 +85,10 @@ pub fn to_upstream(parts: &mut request::Parts, conn: &ConnInfo, upstream: &Uri) 
             }
             parts.headers.insert(X_FORWARDED_HOST, host.clone());
         }
-        // HTTP/1.1 needs one: the upstream's own.
+        // HTTP/1.1 needs one: the upstream's own host, and its port unless the default
+        // (never any userinfo in the URL).
         None => {
-            let authority = upstream.authority().map(|a| a.as_str()).unwrap_or("");
-            if let Ok(v) = HeaderValue::from_str(authority) {
+            if let Some(v) = upstream_host(upstream) {
                 parts.headers.insert(header::HOST, v);
             }
         }
@@ -100,6 +100,19 @@ pub fn to_upstream(parts: &mut request::Parts, conn: &ConnInfo, upstream: &Uri) 
         .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     parts.uri = origin_form(&parts.uri);
     parts.version = Version::HTTP_11;
+}
+
+fn upstream_host(upstream: &Uri) -> Option<HeaderValue> {
+    let host = upstream.host()?;
+    let default = match upstream.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let value = match upstream.port_u16() {
+        Some(port) if port != default => format!("{host}:{port}"),
+        _ => host.to_string(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 /// The host the client asked for: `Host` on HTTP/1, `:authority` on HTTP/2.
@@ -146,6 +159,24 @@ pub fn to_client(parts: &mut response::Parts) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upstream_host_leaves_out_a_default_port_and_any_userinfo() {
+        let host = |url: &str| upstream_host(&url.parse().unwrap()); // ok: test
+        assert_eq!(host("http://api:80"), Some(HeaderValue::from_static("api")));
+        assert_eq!(
+            host("https://api:443/x"),
+            Some(HeaderValue::from_static("api"))
+        );
+        assert_eq!(
+            host("http://u:pw@api:8080"),
+            Some(HeaderValue::from_static("api:8080"))
+        );
+        assert_eq!(
+            host("https://[::1]:8443"),
+            Some(HeaderValue::from_static("[::1]:8443"))
+        );
+    }
 
     #[test]
     fn connection_named_headers_are_removed() {

@@ -24,8 +24,8 @@ pub(super) struct InFlight {
     pub(super) expires: Option<Instant>,
     /// Every waiter's receiver learns why it woke.
     pub(super) wake: watch::Sender<Option<Woke>>,
-    /// The disk store saw no record at all under the id when claiming it, so completing
-    /// it replaces none (an unknown is `false`).
+    /// No record at all was under the id when it was claimed (the memory store frees an
+    /// expired one as it looks), so completing it replaces none (an unknown is `false`).
     pub(super) record_absent: bool,
 }
 
