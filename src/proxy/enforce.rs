@@ -48,7 +48,9 @@ pub async fn handle(
     };
     let header_key = match &route.key {
         KeySource::Header(name) => match key::from_header(req.headers(), name, policy) {
-            Ok(None) if !policy.required => return proxy.passthrough(req, conn).await,
+            // Boxed here and below: paths most requests never take, whose state would
+            // otherwise be carried (and copied) by every request's future.
+            Ok(None) if !policy.required => return Box::pin(proxy.passthrough(req, conn)).await,
             Ok(None) => return missing(),
             Ok(found) => found,
             Err(e) => return refuse(e, None),
@@ -67,7 +69,7 @@ pub async fn handle(
         (None, KeySource::JsonPointer(pointer)) => match key::from_json(&body, pointer, policy) {
             Ok(Some(k)) => k,
             Ok(None) if !policy.required => {
-                return proxy.forward_unrecorded(parts, body, conn).await
+                return Box::pin(proxy.forward_unrecorded(parts, body, conn)).await
             }
             Ok(None) => return missing(),
             Err(e) => return refuse(e, None),
@@ -111,7 +113,8 @@ async fn decide(
             // A duplicate is in flight somewhere: never pass this one around the store.
             Err(_) if waited => return refuse(ProxyError::StoreUnavailable, Some(id)),
             Err(e) => {
-                return store_failed(proxy, config, e, upstream(proxy, request, conn), id).await
+                let request = upstream(proxy, request, conn);
+                return Box::pin(store_failed(proxy, config, e, request, id)).await;
             }
         };
         match begin {

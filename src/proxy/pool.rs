@@ -133,7 +133,11 @@ impl Pool {
                 Pooled::NoneReady(req) => req,
             };
         }
-        let sender = self.connect().await.map_err(UpstreamFailure::Refused)?;
+        // Boxed: a connect's state (resolver, TCP, TLS and HTTP/2 handshakes) is ~7.5 KB,
+        // and every request's future would otherwise carry it and be copied with it.
+        let sender = Box::pin(self.connect())
+            .await
+            .map_err(UpstreamFailure::Refused)?;
         drop(gate);
         match send_on(sender, &self.base, req).await {
             Sent::Answered(resp, sender) => Ok(self.checkin(resp, sender)),
