@@ -49,14 +49,15 @@ impl Sender {
     }
 }
 
-struct Idle {
+/// A connection on the list, idle or with a response still being read.
+struct Entry {
     sender: Sender,
     since: Instant,
 }
 
 struct Conns {
     /// Connections with or without a response still being read; most recent last.
-    list: Vec<Idle>,
+    list: Vec<Entry>,
     /// Whether the task that closes idle connections runs (from the first connect on,
     /// since a runtime is needed).
     reaping: bool,
@@ -140,7 +141,10 @@ impl Pool {
             .map_err(UpstreamFailure::Refused)?;
         drop(gate);
         match send_on(sender, &self.base, req).await {
-            Sent::Answered(resp, sender) => Ok(self.checkin(resp, sender)),
+            Sent::Answered(resp, sender) => {
+                self.checkin(sender);
+                Ok(resp)
+            }
             Sent::HandedBack(_, why) => Err(UpstreamFailure::Refused(why)),
             Sent::Lost(why) => Err(UpstreamFailure::Reset(why)),
         }
@@ -152,7 +156,8 @@ impl Pool {
         while let Some(sender) = self.checkout() {
             match send_on(sender, &self.base, req).await {
                 Sent::Answered(resp, sender) => {
-                    return Ok(Pooled::Answered(self.checkin(resp, sender)))
+                    self.checkin(sender);
+                    return Ok(Pooled::Answered(resp));
                 }
                 Sent::HandedBack(back, _) => req = back,
                 Sent::Lost(why) => return Err(UpstreamFailure::Reset(why)),
@@ -227,14 +232,13 @@ impl Pool {
 
     /// Puts the connection back as soon as the response head is in; it is picked again
     /// once it is ready (an HTTP/2 connection is shared and already there).
-    fn checkin(&self, resp: Response<Incoming>, sender: Sender) -> Response<Incoming> {
+    fn checkin(&self, sender: Sender) {
         if let Sender::H1(_) = sender {
-            self.lock().list.push(Idle {
+            self.lock().list.push(Entry {
                 sender,
                 since: Instant::now(),
             });
         }
-        resp
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Sender, String> {
@@ -252,7 +256,7 @@ impl Pool {
             tokio::spawn(conn);
             self.spoke.store(HTTP2, Ordering::Relaxed);
             // Shared from the start: later requests multiplex on it.
-            self.lock().list.push(Idle {
+            self.lock().list.push(Entry {
                 sender: Sender::H2(sender.clone()),
                 since: Instant::now(),
             });

@@ -172,20 +172,19 @@ impl MemoryStore {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state.inflight, id, token)?;
         let now = Instant::now();
-        let kept = encoded.clone();
+        // Waiters (no new one can join: the claim is gone) are handed the record, decoded
+        // once here rather than looked up and decoded by each of them; a miss nobody waits
+        // on keeps no copy.
+        let kept = (claim.wake.receiver_count() > 0).then(|| encoded.clone());
         if claim.record_absent {
             state.records.insert_new(id, encoded, now + ttl, now);
         } else {
             state.records.insert(id, encoded, now + ttl, now);
         }
         drop(state);
-        // Waiters (no new one can join: the claim is gone) are handed the record, decoded
-        // once here rather than looked up and decoded by each of them.
-        let woke = match claim.wake.receiver_count() {
-            0 => Woke::Completed,
-            _ => kept
-                .decode()
-                .map_or(Woke::Completed, |r| Woke::Recorded(Arc::new(r))),
+        let woke = match kept.map(|k| k.decode()) {
+            Some(Ok(record)) => Woke::Recorded(Arc::new(record)),
+            _ => Woke::Completed,
         };
         claim.wake.send_replace(Some(woke));
         Ok(())
