@@ -189,7 +189,7 @@ impl DiskStore {
     ) -> Result<Result<(Token, u64), Begin>, StoreError> {
         let now = Instant::now();
         let mut state = self.lock();
-        match state.inflight.get(&id) {
+        match state.inflight.get_mut(&id) {
             Some(f) if !f.lapsed(now) => {
                 return Ok(Err(Begin::InFlight {
                     fingerprint: f.fingerprint,
@@ -199,7 +199,7 @@ impl DiskStore {
             }
             Some(_) => {
                 if let Some(old) = state.inflight.remove(&id) {
-                    old.wake.send_replace(Some(Woke::LeaseExpired));
+                    old.wake.send(Woke::LeaseExpired);
                 }
             }
             None => {}
@@ -262,7 +262,7 @@ impl DiskStore {
         let (claim, ticket) = self.complete_locked(id, token, encoded, ttl)?;
         match claim {
             Completed::Done(claim) => {
-                claim.wake.send_replace(Some(Woke::Completed));
+                claim.wake.send(Woke::Completed);
                 self.syncer.durable(ticket).await
             }
             Completed::Syncing(pending) => {
@@ -287,7 +287,7 @@ impl DiskStore {
         let mut state = self.lock();
         if state.inflight.get(&id).is_some_and(|f| f.token == pending) {
             if let Some(held) = state.inflight.remove(&id) {
-                held.wake.send_replace(Some(Woke::Completed));
+                held.wake.send(Woke::Completed);
             }
         }
     }
@@ -356,7 +356,7 @@ impl DiskStore {
         // A release that fails to reach the disk leaves a claim the next start settles.
         let written = self.commit(batch).map(drop);
         drop(state);
-        claim.wake.send_replace(Some(Woke::Released));
+        claim.wake.send(Woke::Released);
         written
     }
 

@@ -142,7 +142,7 @@ fn release_lapsed(store: &DiskStore) {
     let mut batch = store.db.batch();
     for id in lapsed {
         if let Some(f) = state.inflight.remove(&id) {
-            f.wake.send_replace(Some(Woke::LeaseExpired));
+            f.wake.send(Woke::LeaseExpired);
         }
         batch.remove(&store.ks.claims, id.0);
     }

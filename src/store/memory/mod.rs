@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -23,7 +22,7 @@ pub(super) struct InFlight {
     /// `None`: held for as long as this process lives (proxy claims).
     pub(super) expires: Option<Instant>,
     /// Every waiter's receiver learns why it woke.
-    pub(super) wake: watch::Sender<Option<Woke>>,
+    pub(super) wake: fanout::Wake,
     /// No record at all was under the id when it was claimed (the memory store frees an
     /// expired one as it looks), so completing it replaces none (an unknown is `false`).
     pub(super) record_absent: bool,
@@ -31,12 +30,11 @@ pub(super) struct InFlight {
 
 impl InFlight {
     pub(super) fn new(fingerprint: Fingerprint, token: Token, expires: Option<Instant>) -> Self {
-        let (wake, _) = watch::channel(None);
         InFlight {
             fingerprint,
             token,
             expires,
-            wake,
+            wake: fanout::Wake::default(),
             record_absent: false,
         }
     }
@@ -75,7 +73,7 @@ pub(super) fn sweep_lapsed(inflight: &mut HashMap<RecordId, InFlight>, now: Inst
     inflight.retain(|_, f| {
         let lapsed = f.lapsed(now);
         if lapsed {
-            f.wake.send_replace(Some(Woke::LeaseExpired));
+            f.wake.send(Woke::LeaseExpired);
         }
         !lapsed
     });
@@ -113,10 +111,10 @@ impl MemoryStore {
             sweep_lapsed(inflight, now);
             records.sweep(now, SWEEP_EVERY as usize);
         }
-        match inflight.get(&id) {
+        match inflight.get_mut(&id) {
             Some(f) if f.lapsed(now) => {
                 if let Some(old) = inflight.remove(&id) {
-                    old.wake.send_replace(Some(Woke::LeaseExpired));
+                    old.wake.send(Woke::LeaseExpired);
                 }
             }
             Some(f) => {
@@ -175,7 +173,7 @@ impl MemoryStore {
         // Waiters (no new one can join: the claim is gone) are handed the record, decoded
         // once here rather than looked up and decoded by each of them; a miss nobody waits
         // on keeps no copy.
-        let kept = (claim.wake.receiver_count() > 0).then(|| encoded.clone());
+        let kept = claim.wake.waited().then(|| encoded.clone());
         if claim.record_absent {
             state.records.insert_new(id, encoded, now + ttl, now);
         } else {
@@ -186,7 +184,7 @@ impl MemoryStore {
             Some(Ok(record)) => Woke::Recorded(Arc::new(record)),
             _ => Woke::Completed,
         };
-        claim.wake.send_replace(Some(woke));
+        claim.wake.send(woke);
         Ok(())
     }
 }
@@ -241,7 +239,7 @@ impl Store for MemoryStore {
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         let mut state = self.lock();
         let result = self.take_owned(&mut state.inflight, id, token).map(|f| {
-            f.wake.send_replace(Some(Woke::Released));
+            f.wake.send(Woke::Released);
         });
         drop(state);
         ready(result)

@@ -226,7 +226,12 @@ impl Records {
     pub(super) fn sweep(&mut self, now: Instant, budget: usize) {
         let now_us = self.us(now);
         for _ in 0..budget.min(self.used) {
-            self.hand = (self.hand + 1) % self.used;
+            // A compare, not `% used`: the division was most of an insert's cost (a
+            // profile of new-key requests had this loop at 2.8% of the proxy's CPU).
+            self.hand += 1;
+            if self.hand >= self.used {
+                self.hand = 0;
+            }
             let s = self.hand as u32;
             let slot = self.slot(s);
             if slot.encoded.is_some() && slot.expires_us <= now_us {
