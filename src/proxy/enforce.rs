@@ -22,11 +22,7 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 type Handled = (Response<Body>, Report);
 
 fn refuse(e: ProxyError, record: Option<RecordId>) -> Handled {
-    let report = Report {
-        outcome: Some(Outcome::of_error(&e)),
-        record,
-        upstream_latency: None,
-    };
+    let report = Report::new(Outcome::of_error(&e), record, None);
     (e.into_response(), report)
 }
 
@@ -167,12 +163,7 @@ fn answer_from(route: &Route, rec: &crate::store::Record, id: RecordId, waited: 
     } else {
         Outcome::Replayed
     };
-    let report = Report {
-        outcome: Some(outcome),
-        record: Some(id),
-        upstream_latency: None,
-    };
-    (response, report)
+    (response, Report::new(outcome, Some(id), None))
 }
 
 /// The request's head rewritten for the upstream: only once it is to be sent, since a
@@ -205,11 +196,7 @@ async fn run(
             } else {
                 Outcome::Forwarded
             };
-            let report = Report {
-                outcome: Some(outcome),
-                record: Some(id),
-                upstream_latency: Some(done.elapsed),
-            };
+            let report = Report::new(outcome, Some(id), Some(done.elapsed));
             (done.response, report)
         }
         Err(_) => refuse(

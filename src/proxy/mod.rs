@@ -137,11 +137,7 @@ impl Proxy {
     async fn send_prepared(&self, req: Request<Body>) -> (Response<Body>, Report) {
         let started = tokio::time::Instant::now();
         let result = self.upstream.send(req).await;
-        let mut report = Report {
-            outcome: Some(Outcome::Passthrough),
-            record: None,
-            upstream_latency: Some(started.elapsed()),
-        };
+        let mut report = Report::new(Outcome::Passthrough, None, Some(started.elapsed()));
         let response = match result {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();

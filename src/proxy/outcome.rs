@@ -88,3 +88,17 @@ pub struct Report {
     pub record: Option<RecordId>,
     pub upstream_latency: Option<Duration>,
 }
+
+impl Report {
+    pub fn new(
+        outcome: Outcome,
+        record: Option<RecordId>,
+        upstream_latency: Option<Duration>,
+    ) -> Self {
+        Report {
+            outcome: Some(outcome),
+            record,
+            upstream_latency,
+        }
+    }
+}
