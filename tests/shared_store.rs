@@ -155,6 +155,48 @@ async fn a_killed_holder_blocks_the_key_only_until_its_lease_ends() {
 }
 
 #[tokio::test]
+async fn a_holder_keeps_its_lease_while_the_upstream_works_past_it() {
+    let redis = RedisServer::start().await;
+    let (upstream, gate) = gated_echo().await;
+    let (a, b) = replicas(&config(&format!("{:?}", redis.url()), ""), &upstream.url()).await;
+    let c = Client::new();
+    let first = spawn_post(&c, &a.url("/v1/orders"), &[(KEY, "slow")], "x");
+    assert_eq!(gate.entered().await, 1);
+    // The upstream works for three leases (1 s each); the lock never lapses meanwhile.
+    let mut conn = redis.connection().await;
+    let locks: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*:lock")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    let held_since = tokio::time::Instant::now();
+    let mut sample = tokio::time::interval(Duration::from_millis(50));
+    while held_since.elapsed() < Duration::from_secs(3) {
+        sample.tick().await;
+        let left: i64 = ::redis::cmd("PTTL")
+            .arg(&locks[0])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            left > 0,
+            "the lease lapsed after {:?}",
+            held_since.elapsed()
+        );
+    }
+    // A duplicate on the other replica waits for it rather than running again.
+    let duplicate = spawn_post(&c, &b.url("/v1/orders"), &[(KEY, "slow")], "x");
+    gate.open();
+    let (first, duplicate) = (first.await.unwrap(), duplicate.await.unwrap());
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(duplicate.status, StatusCode::CREATED);
+    assert_eq!(duplicate.body, first.body);
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(metric(&a, "idemgate_lease_lost_total").await, 0.0);
+}
+
+#[tokio::test]
 async fn a_stale_holders_completion_is_refused_and_counted() {
     let redis = RedisServer::start().await;
     let (upstream, gate) = gated_echo().await;

@@ -285,16 +285,22 @@ async fn a_stale_owner_cannot_complete_and_is_counted(kind: &str) {
 async fn renewal_keeps_a_claim_past_its_lease(kind: &str) {
     let p = pair(kind).await;
     let lease = Duration::from_millis(300);
-    // A held claim renews itself every third of its lease.
+    // The holder runs `keep_alive` beside its work: it renews every third of the lease.
     let held = claim(&p.a, 5, Some(lease)).await;
     // Sampled every 50 ms for four leases' worth of time: never free meanwhile.
-    let mut sample = tokio::time::interval(Duration::from_millis(50));
-    for _ in 0..24 {
-        sample.tick().await;
-        match p.b.clone().begin(id(5), FP, Some(lease)).await.unwrap() {
-            Begin::InFlight { .. } => {}
-            _ => panic!("a renewed claim lapsed"),
+    let sampling = async {
+        let mut sample = tokio::time::interval(Duration::from_millis(50));
+        for _ in 0..24 {
+            sample.tick().await;
+            match p.b.clone().begin(id(5), FP, Some(lease)).await.unwrap() {
+                Begin::InFlight { .. } => {}
+                _ => panic!("a renewed claim lapsed"),
+            }
         }
+    };
+    tokio::select! {
+        () = sampling => {}
+        never = held.keep_alive() => match never {},
     }
     held.complete(record("renewed"), TTL).await.unwrap();
     assert_eq!(body_of(&p.b, 5).await.as_deref(), Some(&b"renewed"[..]));

@@ -44,7 +44,13 @@ pub fn spawn(
 ) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
     tasks.spawn(async move {
-        let outcome = ex.run(request.map(full)).await;
+        // Renewed while the exchange runs, recording included; ends with it.
+        let renewing = ex.claim.keep_alive();
+        let outcome = tokio::select! {
+            biased;
+            outcome = ex.run(request.map(full)) => outcome,
+            never = renewing => match never {},
+        };
         // The client may be gone; the record is what matters then.
         let _ = tx.send(outcome);
     });

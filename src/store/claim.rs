@@ -1,14 +1,14 @@
-//! The right to run the request for a record id. While held it renews its lease (about
-//! every third of it); dropped without [`Claim::complete`] it releases the record so
-//! waiters and retries run it again. A drop cannot await the network, so the release
-//! runs on the store's tracked background tasks, drained at shutdown; should it fail,
-//! the lease is the backstop.
+//! The right to run the request for a record id. Its holder runs [`Claim::keep_alive`]
+//! beside the work, which renews the lease (about every third of it); dropped without
+//! [`Claim::complete`] it releases the record so waiters and retries run it again. A
+//! drop cannot await the network, so the release runs on the store's tracked background
+//! tasks, drained at shutdown; should it fail, the lease is the backstop.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
 
 use super::{Encoded, RecordId, Store, StoreError, Token};
 
@@ -16,25 +16,34 @@ pub struct Claim {
     store: Arc<dyn Store>,
     id: RecordId,
     token: Token,
-    renewing: Option<CancellationToken>,
+    lease: Option<Duration>,
     done: bool,
 }
 
 impl Claim {
-    /// Made by a backend's `begin`; starts renewing when the claim has a lease.
+    /// Made by a backend's `begin`; `lease` is how long the store keeps it unrenewed.
     pub fn new(store: Arc<dyn Store>, id: RecordId, token: Token, lease: Option<Duration>) -> Self {
-        let renewing = lease.map(|lease| {
-            let stop = CancellationToken::new();
-            let renew = renew_while_held(store.clone(), id, token, lease, stop.clone());
-            store.background().spawn(renew);
-            stop
-        });
         Claim {
             store,
             id,
             token,
-            renewing,
+            lease,
             done: false,
+        }
+    }
+
+    /// Renews the lease for as long as it is polled, so the holder runs it beside its
+    /// work (`select!`) and a claim costs no task of its own (a renewing task per Redis
+    /// miss was ~4% of its instructions). Never finishes; with no lease, never wakes.
+    pub fn keep_alive(&self) -> impl Future<Output = Infallible> + Send + 'static {
+        let renewal = self
+            .lease
+            .map(|lease| (self.store.clone(), self.id, self.token, lease));
+        async move {
+            match renewal {
+                Some((store, id, token, lease)) => renew_while_held(store, id, token, lease).await,
+                None => std::future::pending().await,
+            }
         }
     }
 
@@ -49,7 +58,6 @@ impl Claim {
     /// Records `record` for `ttl` if the lease is still ours. On any failure but a lost
     /// lease the claim is released, so the key is not left locked.
     pub async fn complete(mut self, record: Encoded, ttl: Duration) -> Result<(), StoreError> {
-        self.stop_renewing();
         let result = self
             .store
             .clone()
@@ -65,24 +73,16 @@ impl Claim {
     /// Keeps the record locked after this guard is gone: the record API hands the token
     /// to a worker, and the lease (renewed by the worker) is the lock.
     pub fn detach(mut self) -> Token {
-        self.stop_renewing();
         self.done = true;
         self.token
     }
 
     /// Explicit release (same as drop), for readability at call sites.
     pub fn release(self) {}
-
-    fn stop_renewing(&mut self) {
-        if let Some(stop) = self.renewing.take() {
-            stop.cancel();
-        }
-    }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.stop_renewing();
         if self.done {
             return;
         }
@@ -100,19 +100,15 @@ async fn renew_while_held(
     id: RecordId,
     token: Token,
     lease: Duration,
-    stop: CancellationToken,
-) {
+) -> Infallible {
     let every = (lease / 3).max(Duration::from_millis(1));
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
+        tokio::time::sleep(every).await;
         match store.clone().renew(id, token, lease).await {
             Ok(()) => {}
             Err(StoreError::LeaseLost) => {
                 tracing::warn!(record = %id.short(), "lease lost while the upstream was still working");
-                return;
+                return std::future::pending().await;
             }
             Err(e) => {
                 tracing::warn!(record = %id.short(), error = %e, "lease renewal failed; retrying")

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::redis::Value;
+use ::redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -24,11 +24,13 @@ use super::*;
 use crate::config::StoreConfig;
 
 mod conn;
+mod keys;
 mod scripts;
 mod waiters;
 
 use conn::{manager_config, tls_roots, Conn, OP_TIMEOUT};
-use scripts::Scripts;
+use keys::Keys;
+use scripts::{evalsha, Scripts};
 use waiters::parse_id;
 
 thread_local! {
@@ -157,28 +159,25 @@ impl RedisStore {
             }
             // Lazy: it connects on first use, from this thread, and reconnects itself.
             let client = self.client(&self.urls[0]).ok()?;
-            let manager = client.get_connection_manager_lazy(manager_config()).ok()?;
+            // No response timer of its own: `invoke`'s covers each call, and a call that
+            // fails drops this connection (one timer per call was ~2% of a miss).
+            let config = manager_config().set_response_timeout(None);
+            let manager = client.get_connection_manager_lazy(config).ok()?;
             let conn = Conn::Single(manager);
             conns.insert(self.id, (generation, conn.clone()));
             Some(conn)
         })
     }
 
-    fn keys(&self, id: RecordId) -> (String, String) {
-        let record = format!("{}{{{}}}", self.prefix, id.hex());
-        let lock = format!("{record}:lock");
-        (record, lock)
+    fn keys(&self, id: RecordId) -> Keys {
+        Keys::new(&self.prefix, id)
     }
 
-    /// Set while someone waits on `id` (see `scripts`); same hash tag as the lock.
-    fn waiting_key(&self, id: RecordId) -> String {
-        format!("{}{{{}}}:w", self.prefix, id.hex())
-    }
-
-    async fn run(&self, invocation: &::redis::ScriptInvocation<'_>) -> Result<Value, StoreError> {
+    /// Runs `call`, an [`evalsha`] of `script`.
+    async fn run(&self, script: &Script, call: &Cmd) -> Result<Value, StoreError> {
         // Never retried: a script that timed out may have run.
         if let Some(mut local) = self.thread_conn() {
-            let answer = Self::invoke(invocation, &mut local).await;
+            let answer = Self::invoke(script, call, &mut local).await;
             if answer.is_err() {
                 // The next call on this thread starts from a fresh connection.
                 self.forget_thread_conn();
@@ -186,14 +185,21 @@ impl RedisStore {
             return answer;
         }
         let mut conn = self.conn()?;
-        Self::invoke(invocation, &mut conn).await
+        Self::invoke(script, call, &mut conn).await
     }
 
-    async fn invoke(
-        invocation: &::redis::ScriptInvocation<'_>,
-        conn: &mut Conn,
-    ) -> Result<Value, StoreError> {
-        match tokio::time::timeout(OP_TIMEOUT, invocation.invoke_async(conn)).await {
+    async fn invoke(script: &Script, call: &Cmd, conn: &mut Conn) -> Result<Value, StoreError> {
+        let answer = async {
+            match call.query_async::<Value>(conn).await {
+                // A Redis restarted (or `SCRIPT FLUSH`ed) since the last call.
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    script.load_async(conn).await?;
+                    call.query_async::<Value>(conn).await
+                }
+                answer => answer,
+            }
+        };
+        match tokio::time::timeout(OP_TIMEOUT, answer).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(unavailable(e)),
             Err(_) => Err(unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
@@ -217,18 +223,30 @@ impl RedisStore {
         fp: Fingerprint,
         lease: Duration,
     ) -> Result<Option<Begin>, StoreError> {
-        let (record, lock) = self.keys(id);
+        let keys = self.keys(id);
         let token = Token::random()?;
-        let value = format!("{}{}", token.hex(), hex(&fp.0));
+        let mut value = String::with_capacity(2 * (token.0.len() + fp.0.len()));
+        push_hex(&mut value, &token.0);
+        push_hex(&mut value, &fp.0);
         let lease_ms = lease.as_millis().max(1) as u64;
-        let mut call = self.scripts.begin.key(&record);
-        call.key(&lock).key(self.waiting_key(id));
+        let script = &self.scripts.begin;
+        let mut call = evalsha(
+            script,
+            &[keys.record(), keys.lock(), keys.waiting()],
+            3,
+            128,
+        );
         call.arg(&value).arg(lease_ms).arg(WAITING_MS);
-        let answer = self.run(&call).await?;
-        let items = match answer {
+        let answer = self.run(script, &call).await?;
+        let mut items = match answer {
             Value::Array(items) => items,
             other => return Err(StoreError::Corrupt(format!("unexpected answer {other:?}"))),
         };
+        if let [Value::Int(1), Value::BulkString(bytes)] = items.as_mut_slice() {
+            // A replay: the record's bytes are taken, not copied.
+            let stored = Encoded::from_stored(std::mem::take(bytes).into());
+            return stored.decode().map(|r| Some(Begin::Completed(r)));
+        }
         match items.as_slice() {
             [Value::Int(0)] => Ok(Some(Begin::Claimed(Claim::new(
                 self.clone(),
@@ -236,9 +254,6 @@ impl RedisStore {
                 token,
                 Some(lease),
             )))),
-            [Value::Int(1), Value::BulkString(bytes)] => Encoded::from_stored(bytes.clone().into())
-                .decode()
-                .map(|r| Some(Begin::Completed(r))),
             [Value::Int(2), Value::BulkString(holder), Value::Int(ttl)] => {
                 let fingerprint = holder_fingerprint(holder)?;
                 let lease_left = u64::try_from(*ttl).ok().map(Duration::from_millis);
@@ -290,11 +305,12 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
-            let (_, lock) = self.keys(id);
+            let keys = self.keys(id);
             let lease_ms = lease.as_millis().max(1) as u64;
-            let mut call = self.scripts.renew.key(&lock);
+            let script = &self.scripts.renew;
+            let mut call = evalsha(script, &[keys.lock()], 2, 64);
             call.arg(token.hex()).arg(lease_ms);
-            let answer = self.run(&call).await?;
+            let answer = self.run(script, &call).await?;
             self.owned(answer)
         })
     }
@@ -307,16 +323,19 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
-            let (key, lock) = self.keys(id);
+            let keys = self.keys(id);
             let ttl_ms = ttl.as_millis().max(1) as u64;
-            let message = format!("{}:c", id.hex());
-            let mut call = self.scripts.complete.key(&key);
-            call.key(&lock)
-                .key(self.waiting_key(id))
-                .arg(token.hex())
-                .arg(record.as_bytes().as_ref());
-            call.arg(ttl_ms).arg(&self.channel).arg(&message);
-            let answer = self.run(&call).await?;
+            let record = record.as_bytes();
+            let script = &self.scripts.complete;
+            let mut call = evalsha(
+                script,
+                &[keys.record(), keys.lock(), keys.waiting()],
+                5,
+                record.len() + self.channel.len() + 128,
+            );
+            call.arg(token.hex()).arg(record.as_ref()).arg(ttl_ms);
+            call.arg(&self.channel).arg(keys.message(":c"));
+            let answer = self.run(script, &call).await?;
             self.owned(answer)
         })
     }
@@ -327,12 +346,13 @@ impl Store for RedisStore {
         token: Token,
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
-            let (_, lock) = self.keys(id);
-            let message = format!("{}:r", id.hex());
-            let mut call = self.scripts.release.key(&lock);
-            call.key(self.waiting_key(id));
-            call.arg(token.hex()).arg(&self.channel).arg(&message);
-            let answer = self.run(&call).await?;
+            let keys = self.keys(id);
+            let script = &self.scripts.release;
+            let mut call = evalsha(script, &[keys.lock(), keys.waiting()], 3, 128);
+            call.arg(token.hex())
+                .arg(&self.channel)
+                .arg(keys.message(":r"));
+            let answer = self.run(script, &call).await?;
             self.owned(answer)
         })
     }

@@ -9,7 +9,7 @@
 //! is best effort: a Redis that refuses writes (`maxmemory` with `noeviction`) leaves
 //! waiters to their polls rather than failing them.
 
-use ::redis::Script;
+use ::redis::{Cmd, Script};
 
 const BEGIN: &str = r#"
 local rec = redis.call('GET', KEYS[1])
@@ -61,4 +61,18 @@ impl Scripts {
             release: Script::new(RELEASE),
         }
     }
+}
+
+/// An `EVALSHA` of `script` on `keys`, built straight into one command buffer; the
+/// caller appends `args` arguments of about `bytes` bytes in all. (A `ScriptInvocation`
+/// keeps a copy of each key and argument, the record included, before building the
+/// same command.)
+pub(super) fn evalsha(script: &Script, keys: &[&str], args: usize, bytes: usize) -> Cmd {
+    let key_bytes: usize = keys.iter().map(|k| k.len() + 16).sum();
+    let mut cmd = Cmd::with_capacity(3 + keys.len() + args, 80 + key_bytes + bytes);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd
 }

@@ -32,8 +32,8 @@ impl RedisStore {
             id,
             rx: rx.clone(),
         };
-        let (_, lock) = self.keys(id);
-        let waiting = self.waiting_key(id);
+        let keys = self.keys(id);
+        let (lock, waiting) = (keys.lock(), keys.waiting());
         loop {
             // Subscribed first, then checked: a completion in between is not missed.
             let mut conn = match self.conn() {
@@ -42,10 +42,10 @@ impl RedisStore {
             };
             // The mark first, best effort (a refused write only costs the message).
             let mut mark = ::redis::cmd("SET");
-            mark.arg(&waiting).arg("1").arg("PX").arg(WAITING_MS);
+            mark.arg(waiting).arg("1").arg("PX").arg(WAITING_MS);
             let _ = tokio::time::timeout(OP_TIMEOUT, mark.query_async::<()>(&mut conn)).await;
             let mut cmd = ::redis::cmd("EXISTS");
-            cmd.arg(&lock);
+            cmd.arg(lock);
             let exists = tokio::time::timeout(OP_TIMEOUT, cmd.query_async::<i64>(&mut conn)).await;
             match exists {
                 Ok(Ok(0)) => return Woke::LeaseExpired,
