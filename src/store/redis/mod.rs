@@ -122,9 +122,15 @@ impl RedisStore {
     }
 
     fn client(&self, url: &str) -> ::redis::RedisResult<::redis::Client> {
+        use ::redis::IntoConnectionInfo;
+        // Without TCP_NODELAY, a call written while another waits for its answer sat in
+        // the kernel until that answer's ACK came back.
+        let info = url
+            .into_connection_info()?
+            .set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true));
         match &self.roots {
-            Some(roots) => ::redis::Client::build_with_tls(url, tls_roots(roots)),
-            None => ::redis::Client::open(url),
+            Some(roots) => ::redis::Client::build_with_tls(info, tls_roots(roots)),
+            None => ::redis::Client::open(info),
         }
     }
 

@@ -2,7 +2,8 @@
 //! value still starts with the caller's token (32 hex characters; the request's
 //! fingerprint follows), so a stale owner can never overwrite a newer record.
 //!
-//! Complete and release publish only when the id's `:w` key says someone waits: a waiter
+//! Complete and release publish only when the id's `:w` key says someone waits (their
+//! one `DEL` of the lock and the mark counts 2, the lock being known to exist): a waiter
 //! sets it (in `BEGIN`, then on every poll, with a short expiry), and the publish it
 //! saves on every other request was a message to every replica (measured: Redis misses
 //! 16.6k req/s with a publish each). A waiter that misses a message still polls. The mark
@@ -32,16 +33,14 @@ const COMPLETE: &str = r#"
 local v = redis.call('GET', KEYS[2])
 if not v or string.sub(v, 1, 32) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[2])
-if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
+if redis.call('DEL', KEYS[2], KEYS[3]) == 2 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 return 1
 "#;
 
 const RELEASE: &str = r#"
 local v = redis.call('GET', KEYS[1])
 if not v or string.sub(v, 1, 32) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
+if redis.call('DEL', KEYS[1], KEYS[2]) == 2 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
 return 1
 "#;
 
