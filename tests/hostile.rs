@@ -127,6 +127,29 @@ async fn a_kept_alive_connection_is_closed_after_header_read_timeout_of_silence(
 }
 
 #[tokio::test]
+async fn half_a_second_head_on_a_kept_alive_connection_is_cut_off() {
+    let upstream = FakeUpstream::echo().await;
+    let toml = format!("[server]\nheader_read_timeout = \"300ms\"\n{ORDERS}");
+    let proxy = TestProxy::start(&toml, &upstream.url()).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 201");
+    // A slow client: the next head starts and never ends. The connection is closed,
+    // with no answer to the half head.
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let rest = read_to_close(&mut s).await;
+    assert_eq!(rest.matches("HTTP/1.1").count(), 0, "{rest}");
+    assert_eq!(upstream.calls(), 1);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
 async fn heads_over_max_header_bytes_get_431_problem_json() {
     let upstream = FakeUpstream::echo().await;
     let proxy = TestProxy::start(ORDERS, &upstream.url()).await;

@@ -47,8 +47,10 @@ impl Settings {
     pub fn new(config: &ServerConfig) -> Self {
         let max_header_bytes = config.max_header_bytes;
         let mut h1 = hyper::server::conn::http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+        // `header_read_timeout` is enforced by `drive`'s idle check (no request in
+        // progress for that long, partial heads included); hyper's own armed a timer for
+        // every request head.
+        h1.header_read_timeout(None)
             .keep_alive(true)
             .max_header_size(max_header_bytes)
             // hyper's default buffer (~400 KiB) unless the head limit is larger.
