@@ -201,7 +201,7 @@ pub async fn run_with_reloads(
     {
         tracing::warn!("shutdown grace passed with upstream exchanges still running");
     }
-    // Releases of dropped claims and lease renewals: let them reach the store.
+    // Releases of dropped claims: let them reach the store.
     let background = store_handle.background();
     background.close();
     if tokio::time::timeout(config.server.shutdown_grace, background.wait())

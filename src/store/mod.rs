@@ -252,7 +252,8 @@ pub trait Store: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The lease proxy claims take, renewed while the upstream works.
     fn claim_lease(&self) -> Option<Duration>;
-    /// Releases of dropped claims and lease renewals run here; drained at shutdown.
+    /// Releases of dropped claims run here (and a backend's own chores); drained at
+    /// shutdown. Leases are renewed by their holders (`Claim::keep_alive`).
     fn background(&self) -> &TaskTracker;
     /// Called once at shutdown, after the last write: a store with write buffers moves
     /// them to its files, so the next start has nothing to replay. Blocking.
