@@ -44,79 +44,96 @@ pub fn spawn(
 ) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
     tasks.spawn(async move {
-        // Renewed while the exchange runs, recording included; ends with it.
+        // The lease is renewed while the upstream works, and no longer once the record is
+        // being written: a renewal that reached the store after the completion would find
+        // the lock gone and count a lost lease.
         let renewing = ex.claim.keep_alive();
-        let outcome = tokio::select! {
+        let (outcome, unrecorded) = tokio::select! {
             biased;
-            outcome = ex.run(request.map(full)) => outcome,
+            done = ex.run(request.map(full)) => done,
             never = renewing => match never {},
         };
+        if let Some(Unrecorded(ex, record)) = unrecorded {
+            ex.complete(record).await;
+        }
         // The client may be gone; the record is what matters then.
         let _ = tx.send(outcome);
     });
     rx
 }
 
+/// A record to write before the answer leaves.
+struct Unrecorded(Exchange, Record);
+
 impl Exchange {
-    async fn run(self, req: Request<Body>) -> Outcome {
+    async fn run(self, req: Request<Body>) -> (Outcome, Option<Unrecorded>) {
         let started = Instant::now();
         let deadline = started + self.upstream.timeout;
         // The stages after the upstream's answer are boxed: inline, their state made the
         // spawned task ~7 KB, copied on every spawn (~6% of a new key's CPU).
-        let (response, upstream_error) = match self.upstream.send(req).await {
-            Err(failure) => (Box::pin(self.failed(failure)).await, true),
+        let (response, upstream_error, unrecorded) = match self.upstream.send(req).await {
+            Err(failure) => {
+                let (response, unrecorded) = self.failed(failure);
+                (response, true, unrecorded)
+            }
             Ok(resp) => Box::pin(self.received(resp, deadline)).await,
         };
-        Outcome {
+        let outcome = Outcome {
             response,
             upstream_error,
             elapsed: started.elapsed(),
-        }
+        };
+        (outcome, unrecorded)
     }
 
-    async fn received(self, resp: Response<Incoming>, deadline: Instant) -> (Response<Body>, bool) {
+    async fn received(
+        self,
+        resp: Response<Incoming>,
+        deadline: Instant,
+    ) -> (Response<Body>, bool, Option<Unrecorded>) {
         let (mut parts, incoming) = resp.into_parts();
         headers::to_client(&mut parts);
         if !self.policy.store_statuses.contains(parts.status) {
             // Not a status to keep: free the key now so a retry runs again.
             self.claim.release();
             let body = body::Deadline::new(incoming, deadline).boxed();
-            return (Response::from_parts(parts, body), false);
+            return (Response::from_parts(parts, body), false, None);
         }
         let limit = self.policy.max_stored_response;
         match read_up_to(incoming, limit, deadline).await {
             Read::Whole(bytes) => {
                 let record = self.record(&parts, Some(bytes.clone()));
                 let response = replay::respond(&record, bytes);
-                self.complete(record).await;
-                (response, false)
+                (response, false, Some(Unrecorded(self, record)))
             }
             Read::TooLarge(prefix, rest) => {
                 // The work ran; keep that fact (status and headers) and stream the body.
                 let record = self.record(&parts, None);
-                self.complete(record).await;
                 parts.headers.remove(header::CONTENT_LENGTH);
                 let body = body::Deadline::new(Prefixed::new(prefix, rest), deadline).boxed();
-                (Response::from_parts(parts, body), false)
+                let response = Response::from_parts(parts, body);
+                (response, false, Some(Unrecorded(self, record)))
             }
-            Read::Failed(failure) => (self.failed(failure).await, true),
+            Read::Failed(failure) => {
+                let (response, unrecorded) = self.failed(failure);
+                (response, true, unrecorded)
+            }
         }
     }
 
     /// SPEC §3 step 8: a refused connection never ran upstream, so the key is freed; an
     /// unknown outcome is recorded when its status is one to keep (at-most-once).
-    async fn failed(self, failure: UpstreamFailure) -> Response<Body> {
+    fn failed(self, failure: UpstreamFailure) -> (Response<Body>, Option<Unrecorded>) {
         tracing::warn!(error = ?failure, record = %self.claim.id().short(), "upstream exchange failed");
         let error = ProxyError::from(failure.clone());
         if !(failure.outcome_unknown() && self.policy.store_statuses.contains(error.status())) {
             self.claim.release();
-            return error.into_response();
+            return (error.into_response(), None);
         }
         let (parts, bytes) = error.to_parts();
         let record = self.record(&parts, Some(bytes.clone()));
         let response = replay::respond(&record, bytes);
-        self.complete(record).await;
-        response
+        (response, Some(Unrecorded(self, record)))
     }
 
     fn record(&self, parts: &response::Parts, body: Option<Bytes>) -> Record {
