@@ -112,8 +112,8 @@ async fn idle_and_half_open_connections_are_closed_and_cannot_lock_out_clients()
     proxy.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_kept_alive_connection_is_closed_after_header_read_timeout_of_silence() {
+/// A proxy with `header_read_timeout = 300ms` and a connection that has sent one GET.
+async fn one_request_sent() -> (FakeUpstream, TestProxy, TcpStream) {
     let upstream = FakeUpstream::echo().await;
     let toml = format!("[server]\nheader_read_timeout = \"300ms\"\n{ORDERS}");
     let proxy = TestProxy::start(&toml, &upstream.url()).await;
@@ -121,6 +121,12 @@ async fn a_kept_alive_connection_is_closed_after_header_read_timeout_of_silence(
     s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
+    (upstream, proxy, s)
+}
+
+#[tokio::test]
+async fn a_kept_alive_connection_is_closed_after_header_read_timeout_of_silence() {
+    let (_upstream, proxy, mut s) = one_request_sent().await;
     let raw = read_to_close(&mut s).await;
     assert!(raw.starts_with("HTTP/1.1 201 "), "{raw}");
     proxy.shutdown().await;
@@ -128,13 +134,7 @@ async fn a_kept_alive_connection_is_closed_after_header_read_timeout_of_silence(
 
 #[tokio::test]
 async fn half_a_second_head_on_a_kept_alive_connection_is_cut_off() {
-    let upstream = FakeUpstream::echo().await;
-    let toml = format!("[server]\nheader_read_timeout = \"300ms\"\n{ORDERS}");
-    let proxy = TestProxy::start(&toml, &upstream.url()).await;
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    let (upstream, proxy, mut s) = one_request_sent().await;
     let mut head = vec![0u8; 12];
     s.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 201");
