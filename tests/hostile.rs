@@ -133,7 +133,7 @@ async fn a_kept_alive_connection_is_closed_after_header_read_timeout_of_silence(
 }
 
 #[tokio::test]
-async fn half_a_second_head_on_a_kept_alive_connection_is_cut_off() {
+async fn a_second_head_left_half_sent_on_a_kept_alive_connection_is_cut_off() {
     let (upstream, proxy, mut s) = one_request_sent().await;
     let mut head = vec![0u8; 12];
     s.read_exact(&mut head).await.unwrap();

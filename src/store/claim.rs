@@ -34,7 +34,8 @@ impl Claim {
 
     /// Renews the lease for as long as it is polled, so the holder runs it beside its
     /// work (`select!`) and a claim costs no task of its own (a renewing task per Redis
-    /// miss was ~4% of its instructions). Never finishes; with no lease, never wakes.
+    /// miss was ~4% of its instructions). Never finishes; with no lease, never wakes. A
+    /// claim with a lease that nobody keeps alive lapses when the lease ends.
     pub fn keep_alive(&self) -> impl Future<Output = Infallible> + Send + 'static {
         let renewal = self
             .lease

@@ -7,7 +7,8 @@
 //! ttl, so no replica ever compares clocks.
 //!
 //! - [`record`]: the record and its encoding.
-//! - [`claim`]: the [`Claim`] guard: renews while held, releases in the background on drop.
+//! - [`claim`]: the [`Claim`] guard: renews while its holder polls `keep_alive`, releases in
+//!   the background on drop.
 //! - [`memory`], [`redis`], [`disk`]: the backends.
 
 pub mod claim;
@@ -202,7 +203,8 @@ pub struct StoreStats {
 }
 
 /// A store backend. Every async call takes `Arc<Self>` so its future owns what it needs
-/// and can run on a background task (a dropped claim's release, a lease renewal).
+/// and can run on a background task (a dropped claim's release) or beside other work (a
+/// lease renewal).
 pub trait Store: Send + Sync + 'static {
     /// The atomic step: a completed record, an in-flight one to wait for, or a claim.
     /// `lease` bounds the claim's life unless renewed; `None` lets it live as long as

@@ -53,6 +53,12 @@ pub(super) fn tls_roots(pem: &[u8]) -> ::redis::TlsCertificates {
     }
 }
 
+/// Without TCP_NODELAY, a call written while another waits for its answer sits in the
+/// kernel until that answer's ACK comes back (redis-rs leaves Nagle on).
+pub(super) fn nodelay() -> ::redis::io::tcp::TcpSettings {
+    ::redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 pub(super) fn manager_config() -> ::redis::aio::ConnectionManagerConfig {
     ::redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(Some(OP_TIMEOUT))
@@ -66,7 +72,8 @@ impl RedisStore {
         loop {
             let mut builder = ::redis::cluster::ClusterClient::builder(self.urls.clone())
                 .connection_timeout(OP_TIMEOUT)
-                .response_timeout(OP_TIMEOUT);
+                .response_timeout(OP_TIMEOUT)
+                .tcp_settings(nodelay());
             if let Some(roots) = &self.roots {
                 builder = builder.certs(tls_roots(roots));
             }

@@ -28,7 +28,7 @@ mod keys;
 mod scripts;
 mod waiters;
 
-use conn::{manager_config, tls_roots, Conn, OP_TIMEOUT};
+use conn::{manager_config, nodelay, tls_roots, Conn, OP_TIMEOUT};
 use keys::Keys;
 use scripts::{evalsha, Scripts};
 use waiters::parse_id;
@@ -123,11 +123,7 @@ impl RedisStore {
 
     fn client(&self, url: &str) -> ::redis::RedisResult<::redis::Client> {
         use ::redis::IntoConnectionInfo;
-        // Without TCP_NODELAY, a call written while another waits for its answer sat in
-        // the kernel until that answer's ACK came back.
-        let info = url
-            .into_connection_info()?
-            .set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let info = url.into_connection_info()?.set_tcp_settings(nodelay());
         match &self.roots {
             Some(roots) => ::redis::Client::build_with_tls(info, tls_roots(roots)),
             None => ::redis::Client::open(info),
