@@ -75,6 +75,36 @@ async fn split_storm(
     );
 }
 
+/// Replicas A and B on one Redis, and a request for `key` sent to A that the gated
+/// upstream has entered and holds until the gate opens.
+struct HeldOnA {
+    redis: RedisServer,
+    upstream: FakeUpstream,
+    gate: std::sync::Arc<Gate>,
+    a: ProxyProcess,
+    b: ProxyProcess,
+    c: Client,
+    first: tokio::task::JoinHandle<Got>,
+}
+
+async fn held_on_a(key: &'static str) -> HeldOnA {
+    let redis = RedisServer::start().await;
+    let (upstream, gate) = gated_echo().await;
+    let (a, b) = replicas(&config(&format!("{:?}", redis.url()), ""), &upstream.url()).await;
+    let c = Client::new();
+    let first = spawn_post(&c, &a.url("/v1/orders"), &[(KEY, key)], "x");
+    assert_eq!(gate.entered().await, 1);
+    HeldOnA {
+        redis,
+        upstream,
+        gate,
+        a,
+        b,
+        c,
+        first,
+    }
+}
+
 async fn metric(p: &ProxyProcess, name: &str) -> f64 {
     let text = Client::new()
         .get(&format!("http://{}/metrics", p.admin.unwrap()))
@@ -156,12 +186,15 @@ async fn a_killed_holder_blocks_the_key_only_until_its_lease_ends() {
 
 #[tokio::test]
 async fn a_holder_keeps_its_lease_while_the_upstream_works_past_it() {
-    let redis = RedisServer::start().await;
-    let (upstream, gate) = gated_echo().await;
-    let (a, b) = replicas(&config(&format!("{:?}", redis.url()), ""), &upstream.url()).await;
-    let c = Client::new();
-    let first = spawn_post(&c, &a.url("/v1/orders"), &[(KEY, "slow")], "x");
-    assert_eq!(gate.entered().await, 1);
+    let HeldOnA {
+        redis,
+        upstream,
+        gate,
+        a,
+        b,
+        c,
+        first,
+    } = held_on_a("slow").await;
     // The upstream works for three leases (1 s each); the lock never lapses meanwhile.
     let mut conn = redis.connection().await;
     let locks: Vec<String> = ::redis::cmd("KEYS")
@@ -198,12 +231,15 @@ async fn a_holder_keeps_its_lease_while_the_upstream_works_past_it() {
 
 #[tokio::test]
 async fn a_stale_holders_completion_is_refused_and_counted() {
-    let redis = RedisServer::start().await;
-    let (upstream, gate) = gated_echo().await;
-    let (a, b) = replicas(&config(&format!("{:?}", redis.url()), ""), &upstream.url()).await;
-    let c = Client::new();
-    let first = spawn_post(&c, &a.url("/v1/orders"), &[(KEY, "stale")], "x");
-    assert_eq!(gate.entered().await, 1);
+    let HeldOnA {
+        redis: _redis,
+        upstream: _upstream,
+        gate,
+        a,
+        b,
+        c,
+        first,
+    } = held_on_a("stale").await;
     // A freezes (a long GC pause, a stopped container): its lease lapses while it works.
     a.signal("STOP");
     let second = spawn_post(&c, &b.url("/v1/orders"), &[(KEY, "stale")], "x");
