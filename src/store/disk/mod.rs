@@ -6,6 +6,7 @@
 //!
 //! - [`layout`]: keys and values.
 //! - [`open`]: lock, format check, recovery of claims left by a dead process.
+//! - [`rotate`]: write batches that count their bytes; memtable rotation on our thread.
 //! - [`sync`]: group commit (`strict`) and the periodic sync (`relaxed`).
 //! - [`sweep`]: expiry and the `max_bytes` bound, oldest first.
 //! - [`contract`]: the [`Store`] trait on top of the above.
@@ -13,6 +14,7 @@
 mod contract;
 mod layout;
 mod open;
+mod rotate;
 mod sweep;
 mod sync;
 
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fjall::{Database, OwnedWriteBatch};
+use fjall::Database;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +35,7 @@ use super::*;
 use layout::{ClaimValue, RecordHead};
 pub use open::OrphanRecord;
 use open::{unreadable, Keyspaces};
+use rotate::{Batch, Rotator, Space};
 use sync::Syncer;
 
 impl State {
@@ -59,6 +62,7 @@ pub struct DiskStore {
     state: Mutex<State>,
     max_bytes: u64,
     syncer: Syncer,
+    rotator: Rotator,
     evicted_early: AtomicU64,
     lease_lost: AtomicU64,
     /// Records written so far: unchanged between a look and the lock, the look still
@@ -81,6 +85,7 @@ impl DiskStore {
     ) -> Result<Arc<Self>, String> {
         let opened = open::open(path, &orphan)?;
         let syncer = Syncer::start(opened.db.clone(), strict)?;
+        let rotator = Rotator::start(opened.ks.clone())?;
         let now = Instant::now();
         let wall = layout::now_ms();
         let inflight = opened
@@ -103,6 +108,7 @@ impl DiskStore {
             }),
             max_bytes,
             syncer,
+            rotator,
             evicted_early: AtomicU64::new(0),
             lease_lost: AtomicU64::new(0),
             written: AtomicU64::new(0),
@@ -119,10 +125,15 @@ impl DiskStore {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn batch(&self) -> Batch<'_> {
+        Batch::new(&self.db, &self.ks)
+    }
+
     /// Commits `batch` and takes its sync ticket; a failure marks the store unhealthy.
-    fn commit(&self, batch: OwnedWriteBatch) -> Result<u64, StoreError> {
+    fn commit(&self, batch: Batch<'_>) -> Result<u64, StoreError> {
         match batch.commit() {
-            Ok(()) => {
+            Ok(grew) => {
+                self.rotator.grew(&grew);
                 self.healthy.store(true, Ordering::Relaxed);
                 Ok(self.syncer.ticket())
             }
@@ -221,8 +232,8 @@ impl DiskStore {
             lease_until_ms: lease.map_or(0, |l| layout::now_ms().saturating_add(layout::ms(l))),
             if_orphaned,
         };
-        let mut batch = self.db.batch();
-        batch.insert(&self.ks.claims, id.0, layout::claim_value(&claim));
+        let mut batch = self.batch();
+        batch.insert(Space::Claims, id.0, layout::claim_value(&claim));
         let ticket = self.commit(batch)?;
         let expires = lease.map(|l| now + l);
         let mut claimed = InFlight::new(fingerprint, token, expires);
@@ -302,7 +313,7 @@ impl DiskStore {
     ) -> Result<(Completed, u64), StoreError> {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state, id, token)?;
-        let mut batch = self.db.batch();
+        let mut batch = self.batch();
         // Nothing was there when claimed, and only this claim could have written since.
         let replaced = match claim.record_absent {
             true => Ok(0),
@@ -320,7 +331,7 @@ impl DiskStore {
             seq: state.next_seq,
         };
         let size = self.ks.put_record(&mut batch, &id, &head, &encoded);
-        batch.remove(&self.ks.claims, id.0);
+        batch.remove(Space::Claims, id.0);
         let ticket = match self.commit(batch) {
             Ok(t) => t,
             Err(e) => {
@@ -351,8 +362,8 @@ impl DiskStore {
     fn release_now(self: Arc<Self>, id: RecordId, token: Token) -> Result<(), StoreError> {
         let mut state = self.lock();
         let claim = self.take_owned(&mut state, id, token)?;
-        let mut batch = self.db.batch();
-        batch.remove(&self.ks.claims, id.0);
+        let mut batch = self.batch();
+        batch.remove(Space::Claims, id.0);
         // A release that fails to reach the disk leaves a claim the next start settles.
         let written = self.commit(batch).map(drop);
         drop(state);
@@ -371,8 +382,8 @@ impl DiskStore {
             if_orphaned: None,
         };
         state.inflight.insert(id, claim);
-        let mut batch = self.db.batch();
-        batch.insert(&self.ks.claims, id.0, layout::claim_value(&value));
+        let mut batch = self.batch();
+        batch.insert(Space::Claims, id.0, layout::claim_value(&value));
         self.commit(batch).map(drop)
     }
 }
@@ -415,5 +426,6 @@ enum Look {
 impl Drop for DiskStore {
     fn drop(&mut self) {
         self.syncer.stop();
+        self.rotator.stop();
     }
 }

@@ -2,11 +2,12 @@
 //! and the claims a process that died left behind (SPEC §3 step 8: unknown outcomes).
 
 use fjall::config::{PartitioningPolicy, PinningPolicy};
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use std::path::Path;
 
 use super::super::{Encoded, Fingerprint, RecordId, StoreError};
 use super::layout::{self, ClaimValue, RecordHead};
+use super::rotate::{Batch, Space};
 
 /// The record that stands for a request whose process died before the upstream
 /// answered: made by the proxy (the 502 it would have recorded), kept by the store.
@@ -15,8 +16,8 @@ pub type OrphanRecord = Box<dyn Fn(Fingerprint) -> Result<Encoded, StoreError> +
 /// Block cache and write buffers: what the store may hold in memory, whatever its size
 /// on disk.
 const CACHE_BYTES: u64 = 16 << 20;
-const RECORDS_MEMTABLE: u64 = 8 << 20;
-const INDEX_MEMTABLE: u64 = 2 << 20;
+pub const RECORDS_MEMTABLE: u64 = 8 << 20;
+pub const INDEX_MEMTABLE: u64 = 2 << 20;
 /// fjall's smallest journal budget.
 const JOURNAL_BYTES: u64 = 64 << 20;
 
@@ -30,33 +31,43 @@ pub struct Keyspaces {
 }
 
 impl Keyspaces {
+    pub fn get(&self, space: Space) -> &Keyspace {
+        match space {
+            Space::Records => &self.records,
+            Space::Claims => &self.claims,
+            Space::Expiry => &self.expiry,
+            Space::Age => &self.age,
+            Space::Meta => &self.meta,
+        }
+    }
+
     /// Adds a record and its index entries to `batch`; returns the bytes it counts for.
     pub fn put_record(
         &self,
-        batch: &mut OwnedWriteBatch,
+        batch: &mut Batch,
         id: &RecordId,
         head: &RecordHead,
         encoded: &Encoded,
     ) -> u64 {
         let size = encoded.weight() + layout::RECORD_OVERHEAD;
         let value = layout::record_value(head, encoded.as_bytes());
-        batch.insert(&self.records, id.0, value);
-        batch.insert(&self.expiry, layout::index_key(head.expires_ms, id), []);
+        batch.insert(Space::Records, id.0, value);
+        batch.insert(Space::Expiry, layout::index_key(head.expires_ms, id), []);
         let age = layout::index_key(head.seq, id);
-        batch.insert(&self.age, age, layout::size_value(size));
+        batch.insert(Space::Age, age, layout::size_value(size));
         size
     }
 
     /// Removes from `batch` the index entries of the record `id` holds now (an expired
     /// one being replaced); returns its size, 0 if there is none.
-    pub fn unindex(&self, batch: &mut OwnedWriteBatch, id: &RecordId) -> Result<u64, StoreError> {
+    pub fn unindex(&self, batch: &mut Batch, id: &RecordId) -> Result<u64, StoreError> {
         let Some(v) = self.records.get(id.0).map_err(unreadable)? else {
             return Ok(0);
         };
         let head = layout::parse_record(&v)?;
         let size = (v.len() - layout::RECORD_BODY_AT) as u64 + layout::RECORD_OVERHEAD;
-        batch.remove(&self.expiry, layout::index_key(head.expires_ms, id));
-        batch.remove(&self.age, layout::index_key(head.seq, id));
+        batch.remove(Space::Expiry, layout::index_key(head.expires_ms, id));
+        batch.remove(Space::Age, layout::index_key(head.seq, id));
         Ok(size)
     }
 }
@@ -99,7 +110,7 @@ pub fn open(path: &Path, orphan: &OrphanRecord) -> Result<Opened, String> {
     Ok(opened)
 }
 
-fn keyspaces(db: &Database) -> fjall::Result<Keyspaces> {
+pub(super) fn keyspaces(db: &Database) -> fjall::Result<Keyspaces> {
     // Index and filter blocks are partitioned and go through the block cache instead of
     // being held whole in memory, where they grow with the records on disk (measured
     // +42 MiB RSS at 1M records with fjall's defaults).
@@ -184,7 +195,8 @@ pub fn unreadable(e: fjall::Error) -> StoreError {
 
 fn recover_claims(o: &mut Opened, orphan: &OrphanRecord) -> Result<(), StoreError> {
     let now = layout::now_ms();
-    let mut batch = o.db.batch();
+    let ks = o.ks.clone();
+    let mut batch = Batch::new(&o.db, &ks);
     let (mut recorded, mut freed) = (0u64, 0u64);
     for entry in o.ks.claims.iter() {
         let (k, v) = entry.into_inner().map_err(unreadable)?;
@@ -192,7 +204,7 @@ fn recover_claims(o: &mut Opened, orphan: &OrphanRecord) -> Result<(), StoreErro
         let claim = layout::parse_claim(&v)?;
         let keep = claim.lease_until_ms > now;
         if !keep {
-            batch.remove(&o.ks.claims, k);
+            batch.remove(Space::Claims, k);
         }
         match (claim.lease_until_ms, claim.if_orphaned) {
             (0, Some(ttl)) => {
@@ -203,10 +215,10 @@ fn recover_claims(o: &mut Opened, orphan: &OrphanRecord) -> Result<(), StoreErro
                 };
                 o.next_seq += 1;
                 // An expired record the sweep had not removed yet: replaced, not doubled.
-                let replaced = o.ks.unindex(&mut batch, &id)?;
+                let replaced = ks.unindex(&mut batch, &id)?;
                 o.bytes = o.bytes.saturating_sub(replaced);
                 o.records -= u64::from(replaced > 0 && o.records > 0);
-                o.bytes += o.ks.put_record(&mut batch, &id, &head, &encoded);
+                o.bytes += ks.put_record(&mut batch, &id, &head, &encoded);
                 o.records += 1;
                 recorded += 1;
             }

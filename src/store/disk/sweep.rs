@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, index_key};
 use super::open::{unreadable, Keyspaces};
+use super::rotate::Space;
 use super::{DiskStore, State};
 use crate::store::{RecordId, StoreError, Woke};
 
@@ -97,11 +98,11 @@ fn expire(store: &DiskStore) -> Result<(usize, u64), StoreError> {
         return Ok((0, 0));
     }
     let mut state = store.lock();
-    let mut batch = store.db.batch();
+    let mut batch = store.batch();
     let (mut records, mut bytes) = (0i64, 0i64);
     for key in &due {
         // Every entry scanned is removed, so a damaged one cannot stop the sweep.
-        batch.remove(&store.ks.expiry, key.clone());
+        batch.remove(Space::Expiry, key.clone());
         let Ok((expires, id)) = layout::parse_index_key(key) else {
             tracing::warn!("the disk store's expiry index held a damaged entry: removed");
             continue;
@@ -116,8 +117,8 @@ fn expire(store: &DiskStore) -> Result<(usize, u64), StoreError> {
             continue; // replaced since: this index entry was stale
         }
         let id = &id;
-        batch.remove(&store.ks.records, id.0);
-        batch.remove(&store.ks.age, index_key(head.seq, id));
+        batch.remove(Space::Records, id.0);
+        batch.remove(Space::Age, index_key(head.seq, id));
         records += 1;
         bytes += (v.len() - layout::RECORD_BODY_AT) as i64 + layout::RECORD_OVERHEAD as i64;
     }
@@ -139,12 +140,12 @@ fn release_lapsed(store: &DiskStore) {
     if lapsed.is_empty() {
         return;
     }
-    let mut batch = store.db.batch();
+    let mut batch = store.batch();
     for id in lapsed {
         if let Some(f) = state.inflight.remove(&id) {
             f.wake.send(Woke::LeaseExpired);
         }
-        batch.remove(&store.ks.claims, id.0);
+        batch.remove(Space::Claims, id.0);
     }
     let _ = store.commit(batch);
 }
@@ -163,7 +164,7 @@ pub(super) fn evict_over_bound(store: &DiskStore, state: &mut State) {
 fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
     let now = layout::now_ms();
     let mut over = state.bytes - store.max_bytes;
-    let mut batch = store.db.batch();
+    let mut batch = store.batch();
     let (mut records, mut bytes, mut early) = (0i64, 0i64, 0u64);
     let mut next_from = state.evict_from;
     let from = index_key(state.evict_from, &RecordId([0; 32]));
@@ -173,7 +174,7 @@ fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
         }
         let (k, v) = entry.into_inner().map_err(unreadable)?;
         // Every entry scanned is removed, so a damaged one cannot stop eviction.
-        batch.remove(&store.ks.age, k.clone());
+        batch.remove(Space::Age, k.clone());
         let (Ok((seq, id)), Ok(size)) = (layout::parse_index_key(&k), layout::parse_size(&v))
         else {
             tracing::warn!("the disk store's age index held a damaged entry: removed");
@@ -186,13 +187,13 @@ fn evict(store: &DiskStore, state: &mut State) -> Result<(), StoreError> {
         match layout::parse_record(&rv) {
             // The record this entry was written for, not a newer one under the same id.
             Ok(head) if head.seq == seq => {
-                batch.remove(&store.ks.expiry, index_key(head.expires_ms, &id));
+                batch.remove(Space::Expiry, index_key(head.expires_ms, &id));
                 early += u64::from(head.expires_ms > now);
             }
             Ok(_) => continue,
             Err(_) => {}
         }
-        batch.remove(&store.ks.records, id.0);
+        batch.remove(Space::Records, id.0);
         records += 1;
         bytes += size as i64;
         over = over.saturating_sub(size);
