@@ -34,11 +34,14 @@ fn a_burst_of_writes_and_a_flush_all_come_back() {
         done.send(()).unwrap();
     });
     let deadline = Duration::from_secs(600);
-    assert!(
-        finished.recv_timeout(deadline).is_ok(),
-        "the disk store stopped making progress: {} records and a flush not done in {deadline:?}",
-        WRITERS * RECORDS_EACH
-    );
+    match finished.recv_timeout(deadline) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the burst failed: see its panic above"),
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+            "the disk store stopped making progress: {} records and a flush not done in {deadline:?}",
+            WRITERS * RECORDS_EACH
+        ),
+    }
 }
 
 async fn burst(path: &std::path::Path) {
