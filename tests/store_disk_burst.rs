@@ -10,9 +10,7 @@ mod support;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use http::StatusCode;
-use idemgate::store::{Begin, Fingerprint, Record, RecordId, Store};
-use support::disk::padding;
+use support::disk::{open_store, put_record};
 
 const WRITERS: u64 = 4;
 const RECORDS_EACH: u64 = 60_000;
@@ -46,20 +44,13 @@ fn a_burst_of_writes_and_a_flush_all_come_back() {
 
 async fn burst(path: &std::path::Path) {
     let stop = tokio_util::sync::CancellationToken::new();
-    let store = idemgate::store::disk::DiskStore::open(
-        path,
-        64 << 30,
-        false,
-        Box::new(idemgate::proxy::unknown_outcome_record),
-        stop.clone(),
-    )
-    .unwrap();
+    let store = open_store(path, &stop);
     let mut writers = Vec::new();
     for w in 0..WRITERS {
         let store = store.clone();
         writers.push(tokio::spawn(async move {
             for i in w * RECORDS_EACH..(w + 1) * RECORDS_EACH {
-                put(&store, i).await;
+                put_record(&store, i, 1024).await;
             }
         }));
     }
@@ -68,26 +59,4 @@ async fn burst(path: &std::path::Path) {
     }
     store.flush_now().unwrap();
     stop.cancel();
-}
-
-async fn put(store: &std::sync::Arc<idemgate::store::disk::DiskStore>, i: u64) {
-    let id = RecordId(*blake3::hash(&i.to_le_bytes()).as_bytes());
-    let Begin::Claimed(claim) = store
-        .clone()
-        .begin(id, Fingerprint([1; 32]), None)
-        .await
-        .unwrap()
-    else {
-        panic!("record {i} was not free")
-    };
-    let record = Record {
-        fingerprint: Fingerprint([1; 32]),
-        status: StatusCode::CREATED,
-        headers: vec![],
-        body: Some(padding(i as usize, 1024).into()),
-    };
-    claim
-        .complete(record.encode().unwrap(), Duration::from_secs(3600))
-        .await
-        .unwrap();
 }

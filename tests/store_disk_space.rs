@@ -88,36 +88,10 @@ async fn max_bytes_evicts_the_oldest_and_counts_it() {
 /// Writes `n` records of `body_len` bytes straight into a disk store at `dir` (the
 /// layout the binary reads), then waits until the store has let go of its lock.
 async fn fill(dir: &Path, n: u64, body_len: usize) {
-    use idemgate::store::{Begin, Fingerprint, Record, RecordId, Store};
     let stop = tokio_util::sync::CancellationToken::new();
-    let store = idemgate::store::disk::DiskStore::open(
-        dir,
-        64 << 30,
-        false,
-        Box::new(idemgate::proxy::unknown_outcome_record),
-        stop.clone(),
-    )
-    .unwrap();
+    let store = open_store(dir, &stop);
     for i in 0..n {
-        let id = RecordId(*blake3::hash(&i.to_le_bytes()).as_bytes());
-        let Begin::Claimed(claim) = store
-            .clone()
-            .begin(id, Fingerprint([1; 32]), None)
-            .await
-            .unwrap()
-        else {
-            panic!("record {i} was not free")
-        };
-        let record = Record {
-            fingerprint: Fingerprint([1; 32]),
-            status: StatusCode::CREATED,
-            headers: vec![],
-            body: Some(padding(i as usize, body_len).into()),
-        };
-        claim
-            .complete(record.encode().unwrap(), Duration::from_secs(3600))
-            .await
-            .unwrap();
+        put_record(&store, i, body_len).await;
     }
     // As at a shutdown: the write buffers go to tables, the next start replays nothing.
     store.flush_now().unwrap();

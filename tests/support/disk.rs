@@ -76,3 +76,50 @@ pub fn padding(i: usize, len: usize) -> String {
         .fill(&mut out);
     out.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Claims record `i` on `store` and completes it with a 201 and a body of `body_len`
+/// bytes, as the proxy would; panics if the record was not free.
+pub async fn put_record(
+    store: &std::sync::Arc<idemgate::store::disk::DiskStore>,
+    i: u64,
+    body_len: usize,
+) {
+    use idemgate::store::{Begin, Fingerprint, Record, RecordId, Store};
+    let id = RecordId(*blake3::hash(&i.to_le_bytes()).as_bytes());
+    let Begin::Claimed(claim) = store
+        .clone()
+        .begin(id, Fingerprint([1; 32]), None)
+        .await
+        .unwrap()
+    else {
+        panic!("record {i} was not free")
+    };
+    let record = Record {
+        fingerprint: Fingerprint([1; 32]),
+        status: http::StatusCode::CREATED,
+        headers: vec![],
+        body: Some(padding(i as usize, body_len).into()),
+    };
+    claim
+        .complete(
+            record.encode().unwrap(),
+            std::time::Duration::from_secs(3600),
+        )
+        .await
+        .unwrap();
+}
+
+/// Opens a `relaxed` disk store at `dir` with room for everything, as the binary would.
+pub fn open_store(
+    dir: &Path,
+    stop: &tokio_util::sync::CancellationToken,
+) -> std::sync::Arc<idemgate::store::disk::DiskStore> {
+    idemgate::store::disk::DiskStore::open(
+        dir,
+        64 << 30,
+        false,
+        Box::new(idemgate::proxy::unknown_outcome_record),
+        stop.clone(),
+    )
+    .unwrap()
+}
