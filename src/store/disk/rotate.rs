@@ -8,7 +8,7 @@
 //! since).
 //!
 //! So every write goes through a [`Batch`] that counts the bytes it adds to each
-//! keyspace the way fjall does (or a little more), and a thread of ours rotates a
+//! keyspace the way fjall does, and a thread of ours rotates a
 //! keyspace once seven eighths of its limit are written. Its memtable does not reach
 //! fjall's limit unless that thread falls behind or one write is larger than the last
 //! eighth, so writers do not send, and the workers' channel carries only flushes and
