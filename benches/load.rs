@@ -2,11 +2,14 @@
 //! in one run. `cargo bench --bench load` installs wrk, nginx and redis-server when
 //! missing, starts an nginx upstream (one worker, answers 201), an nginx proxy
 //! (`worker_processes auto`, keep-alive upstream pool) and the release `idemgate` binary
-//! on the memory store, on Redis and on the disk store (relaxed and strict), runs every scenario three times with
-//! `wrk -t1 -c32 -d5s`, and prints the median req/s, p50 and p99 with ratios against nginx
-//! and against the direct upstream; the store rows (Redis, disk relaxed and strict) also
-//! against the memory store. Then the storm row (1,000 concurrent requests on one
-//! key, upstream taking 100 ms) and the memory row (1M records of 1 KiB).
+//! on the memory store, on Redis and on the disk store (relaxed and strict), runs every
+//! scenario three times with `wrk -t1 -c32 -d5s`, and prints the median req/s, p50 and
+//! p99 with ratios against nginx and against the direct upstream; the store rows (Redis,
+//! disk relaxed and strict) also against the memory store. For each median run it also
+//! prints where the CPU went per request (the proxy's user and kernel time, the
+//! upstream's, Redis's, wrk's) and the machine's idle share (`load/cpu.rs`). Then the
+//! storm row (1,000 concurrent requests on one key, upstream taking 100 ms) and the
+//! memory row (1M records of 1 KiB).
 //!
 //! `IDEMGATE_LOAD_SECS` (default 5), `IDEMGATE_LOAD_RUNS` (default 3; 0 skips the table),
 //! `IDEMGATE_LOAD_STORM` (0 skips the storm) and `IDEMGATE_LOAD_RECORDS` (default 1000000;
@@ -60,13 +63,30 @@ fn main() {
     let relaxed = disk("disk-relaxed", "relaxed");
     let strict = disk("disk-strict", "strict");
     let scripts = Scripts::write(dir.path());
+    let charge = |proxy: &Proc, redis: Option<&Proc>| Parties {
+        proxy: proxy.pid(),
+        upstream: Some(upstream.pid()).filter(|&p| p != proxy.pid()),
+        redis: redis.map(Proc::pid),
+    };
     let targets = [
-        ("direct upstream", upstream.port),
-        ("nginx proxy", nginx.port),
-        ("idemgate (memory)", memory.port),
-        ("idemgate (redis)", shared.port),
-        ("idemgate (disk, relaxed)", relaxed.port),
-        ("idemgate (disk, strict)", strict.port),
+        ("direct upstream", upstream.port, charge(&upstream, None)),
+        ("nginx proxy", nginx.port, charge(&nginx, None)),
+        ("idemgate (memory)", memory.port, charge(&memory, None)),
+        (
+            "idemgate (redis)",
+            shared.port,
+            charge(&shared, Some(&redis)),
+        ),
+        (
+            "idemgate (disk, relaxed)",
+            relaxed.port,
+            charge(&relaxed, None),
+        ),
+        (
+            "idemgate (disk, strict)",
+            strict.port,
+            charge(&strict, None),
+        ),
     ];
     let scenarios = [
         ("GET pass-through (no route)", &scripts.get, 3),
@@ -79,13 +99,17 @@ fn main() {
     println!("| scenario | target | req/s | p50 | p99 | vs nginx | vs direct |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     let mut against_memory = Vec::new();
+    let mut budgets = Vec::new();
     // IDEMGATE_LOAD_RUNS=0 skips the table (for the storm and memory rows alone).
     for (name, script, count) in scenarios.into_iter().filter(|_| runs > 0) {
         let results: Vec<Wrk> = targets[..count]
             .iter()
-            .map(|(_, port)| median(runs, || wrk(*port, script, secs)))
+            .map(|(_, port, parties)| {
+                median(runs, || charged(parties, || wrk(*port, script, secs)))
+            })
             .collect();
-        for ((target, _), r) in targets.iter().zip(&results) {
+        for ((target, _, _), r) in targets.iter().zip(&results) {
+            budgets.push(budget_row(name, target, &r.budget));
             println!(
                 "| {name} | {target} | {:.0} | {} | {} | {:.2}x | {:.2}x |",
                 r.rps,
@@ -95,9 +119,18 @@ fn main() {
                 r.rps / results[0].rps
             );
         }
-        for ((target, _), r) in targets.iter().zip(&results).skip(3) {
+        for ((target, _, _), r) in targets.iter().zip(&results).skip(3) {
             against_memory.push(format!("{target} {name}: {:.2}x", r.rps / results[2].rps));
         }
+    }
+    println!();
+    println!(
+        "CPU per request in those runs (µs; /proc, clock ticks), and the machine's idle share:\n"
+    );
+    println!("| scenario | target | proxy user | proxy kernel | upstream | redis | wrk | idle |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for row in budgets {
+        println!("{row}");
     }
     println!();
     for line in against_memory {
@@ -111,4 +144,17 @@ fn main() {
     if records > 0 {
         memory_row(dir.path(), &upstream, &scripts, records as u64, secs);
     }
+}
+
+fn budget_row(scenario: &str, target: &str, b: &Budget) -> String {
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    format!(
+        "| {scenario} | {target} | {:.1} | {:.1} | {} | {} | {:.1} | {:.0}% |",
+        b.proxy_user,
+        b.proxy_kernel,
+        opt(b.upstream),
+        opt(b.redis),
+        b.wrk,
+        b.idle_pct
+    )
 }

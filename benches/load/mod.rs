@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod cpu;
 mod storm;
+pub use cpu::{Budget, Parties};
 pub use storm::storm;
 
 pub fn ensure(cmd: &str, package: &str) {
@@ -52,6 +54,12 @@ fn wait_port(port: u16) {
 pub struct Proc {
     pub port: u16,
     child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Proc {
@@ -226,6 +234,18 @@ pub struct Wrk {
     pub rps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    pub requests: f64,
+    /// Filled by [`charged`].
+    pub budget: Budget,
+}
+
+/// `run`, with the CPU each of `parties` spent per request during it.
+pub fn charged(parties: &Parties, run: impl FnOnce() -> Wrk) -> Wrk {
+    let before = parties.sample();
+    let mut result = run();
+    let after = parties.sample();
+    result.budget = parties.budget(before, after, result.requests);
+    result
 }
 
 pub fn wrk(port: u16, script: &str, secs: usize) -> Wrk {
@@ -252,6 +272,13 @@ pub fn wrk(port: u16, script: &str, secs: usize) -> Wrk {
         rps: field("Requests/sec:").parse().unwrap(),
         p50_us: duration_us(&field("50%")),
         p99_us: duration_us(&field("99%")),
+        requests: text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no request count in wrk output:\n{text}")),
+        budget: Budget::default(),
     }
 }
 
