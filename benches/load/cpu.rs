@@ -28,6 +28,21 @@ pub struct Budget {
     pub idle_pct: f64,
 }
 
+impl Budget {
+    /// The proxy's CPU per request in all.
+    pub fn proxy(&self) -> f64 {
+        self.proxy_user + self.proxy_kernel
+    }
+
+    /// The most CPU per request the proxy could spend at `rate` req/s on `cores`, if the
+    /// machine stayed as idle and the other processes spent what they did in this run.
+    /// (The same arithmetic reproduces each run's own rate to within a few percent.)
+    pub fn proxy_allowance(&self, rate: f64, cores: f64) -> f64 {
+        let others = self.upstream.unwrap_or(0.0) + self.redis.unwrap_or(0.0) + self.wrk;
+        cores * (1.0 - self.idle_pct / 100.0) * 1e6 / rate - others
+    }
+}
+
 /// Clock ticks (user, kernel) at one moment.
 #[derive(Clone, Copy, Default)]
 pub struct Sample {
