@@ -36,7 +36,8 @@ impl Budget {
 
     /// The most CPU per request the proxy could spend at `rate` req/s on `cores`, if the
     /// machine stayed as idle and the other processes spent what they did in this run.
-    /// (The same arithmetic reproduces each run's own rate to within a few percent.)
+    /// An estimate: it assumes the idle share and the others' CPU stay as they were
+    /// (the same arithmetic gives each run's own rate to within 1–3% on most rows).
     pub fn proxy_allowance(&self, rate: f64, cores: f64) -> f64 {
         let others = self.upstream.unwrap_or(0.0) + self.redis.unwrap_or(0.0) + self.wrk;
         cores * (1.0 - self.idle_pct / 100.0) * 1e6 / rate - others
@@ -55,6 +56,8 @@ pub struct Sample {
 
 impl Parties {
     pub fn sample(&self) -> Sample {
+        // `getconf` is a child of ours: run it before any window, not inside one.
+        clock_ticks();
         let both = |(u, k): (u64, u64)| u + k;
         Sample {
             proxy: tree_ticks(self.proxy),
@@ -65,19 +68,24 @@ impl Parties {
         }
     }
 
-    /// What `requests` cost between `before` and `after`.
+    /// What `requests` cost between `before` and `after`. A process that left the tree
+    /// in between (an nginx worker restarting) would make a count go back: it reads 0.
     pub fn budget(&self, before: Sample, after: Sample, requests: f64) -> Budget {
         let per = |ticks: u64| ticks as f64 * 1e6 / clock_ticks() / requests.max(1.0);
         let (busy, idle) = (
-            after.machine.0 - before.machine.0,
-            after.machine.1 - before.machine.1,
+            after.machine.0.saturating_sub(before.machine.0),
+            after.machine.1.saturating_sub(before.machine.1),
         );
         Budget {
-            proxy_user: per(after.proxy.0 - before.proxy.0),
-            proxy_kernel: per(after.proxy.1 - before.proxy.1),
-            upstream: self.upstream.map(|_| per(after.upstream - before.upstream)),
-            redis: self.redis.map(|_| per(after.redis - before.redis)),
-            wrk: per(after.wrk - before.wrk),
+            proxy_user: per(after.proxy.0.saturating_sub(before.proxy.0)),
+            proxy_kernel: per(after.proxy.1.saturating_sub(before.proxy.1)),
+            upstream: self
+                .upstream
+                .map(|_| per(after.upstream.saturating_sub(before.upstream))),
+            redis: self
+                .redis
+                .map(|_| per(after.redis.saturating_sub(before.redis))),
+            wrk: per(after.wrk.saturating_sub(before.wrk)),
             idle_pct: idle as f64 * 100.0 / (busy + idle).max(1) as f64,
         }
     }
