@@ -34,10 +34,10 @@ impl Budget {
         self.proxy_user + self.proxy_kernel
     }
 
-    /// The most CPU per request the proxy could spend at `rate` req/s on `cores`, if the
-    /// machine stayed as idle and the other processes spent what they did in this run.
-    /// An estimate: it assumes the idle share and the others' CPU stay as they were
-    /// (the same arithmetic gives each run's own rate to within 1–3% on most rows).
+    /// The most CPU per request the proxy could spend at `rate` req/s on `cores`: an
+    /// estimate that assumes the idle share and the others' CPU per request stay as in
+    /// this run (the same arithmetic gives each run's own rate to within 1–3% on most
+    /// rows).
     pub fn proxy_allowance(&self, rate: f64, cores: f64) -> f64 {
         let others = self.upstream.unwrap_or(0.0) + self.redis.unwrap_or(0.0) + self.wrk;
         cores * (1.0 - self.idle_pct / 100.0) * 1e6 / rate - others
