@@ -3,9 +3,10 @@
 //! missing, starts an nginx upstream (one worker, answers 201), an nginx proxy
 //! (`worker_processes auto`, keep-alive upstream pool) and the release `idemgate` binary
 //! on the memory store, on Redis and on the disk store (relaxed and strict), runs every
-//! scenario three times with `wrk -t1 -c32 -d5s`, and prints the median req/s, p50 and
-//! p99 with ratios against nginx and against the direct upstream; the store rows (Redis,
-//! disk relaxed and strict) also against the memory store. For each median run it also
+//! scenario three times with `wrk -t1 -c32 -d5s` (in rounds: each round runs every target
+//! once), and prints the median req/s, p50 and p99 with ratios against nginx and against
+//! the direct upstream; the store rows (Redis, disk relaxed and strict) also against the
+//! memory store. For each median run it also
 //! prints where the CPU went per request (the proxy's user and kernel time, the
 //! upstream's, Redis's, wrk's) and the machine's idle share (`load/cpu.rs`). Then the
 //! storm row (1,000 concurrent requests on one key, upstream taking 100 ms) and the
@@ -104,12 +105,10 @@ fn main() {
     let mut goals = Vec::new();
     // IDEMGATE_LOAD_RUNS=0 skips the table (for the storm and memory rows alone).
     for (name, script, count, goal) in scenarios.into_iter().filter(|_| runs > 0) {
-        let results: Vec<Wrk> = targets[..count]
-            .iter()
-            .map(|(_, port, parties)| {
-                median(runs, || charged(parties, || wrk(*port, script, secs)))
-            })
-            .collect();
+        let results = interleaved(runs, count, |i| {
+            let (_, port, parties) = &targets[i];
+            charged(parties, || wrk(*port, script, secs))
+        });
         for ((target, _, _), r) in targets.iter().zip(&results) {
             budgets.push(budget_row(name, target, &r.budget));
             println!(

@@ -302,10 +302,22 @@ pub fn micros(us: f64) -> String {
 }
 
 /// The run with the median req/s of `runs`.
-pub fn median(runs: usize, mut run: impl FnMut() -> Wrk) -> Wrk {
-    let mut all: Vec<Wrk> = (0..runs.max(1)).map(|_| run()).collect();
-    all.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-    all[all.len() / 2]
+/// Runs every target `runs` times in rounds (each round runs each target once, in
+/// order), so that the machine's drift over the minutes a row takes falls on all of
+/// them alike, and returns each target's median run by req/s.
+pub fn interleaved(runs: usize, targets: usize, mut run: impl FnMut(usize) -> Wrk) -> Vec<Wrk> {
+    let mut all: Vec<Vec<Wrk>> = vec![Vec::new(); targets];
+    for _ in 0..runs.max(1) {
+        for (target, runs) in all.iter_mut().enumerate() {
+            runs.push(run(target));
+        }
+    }
+    all.into_iter()
+        .map(|mut runs| {
+            runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            runs[runs.len() / 2]
+        })
+        .collect()
 }
 
 fn rss_kib(pid: u32) -> u64 {

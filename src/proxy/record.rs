@@ -43,7 +43,9 @@ pub fn spawn(
     request: Request<Bytes>,
 ) -> oneshot::Receiver<Outcome> {
     let (tx, rx) = oneshot::channel();
-    tasks.spawn(async move {
+    // Boxed before it is spawned: its state (~3.9 KB) would otherwise be copied on each
+    // move into the task and again as the task finishes.
+    tasks.spawn(Box::pin(async move {
         // The lease is renewed while the upstream works, and no longer once the record is
         // being written: a renewal that reached the store after the completion would find
         // the lock gone and count a lost lease.
@@ -58,7 +60,7 @@ pub fn spawn(
         }
         // The client may be gone; the record is what matters then.
         let _ = tx.send(outcome);
-    });
+    }));
     rx
 }
 
