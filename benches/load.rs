@@ -6,11 +6,10 @@
 //! scenario three times with `wrk -t1 -c32 -d5s` (in rounds: each round runs every target
 //! once), and prints the median req/s, p50 and p99 with ratios against nginx and against
 //! the direct upstream; the store rows (Redis, disk relaxed and strict) also against the
-//! memory store. For each median run it also
-//! prints where the CPU went per request (the proxy's user and kernel time, the
-//! upstream's, Redis's, wrk's) and the machine's idle share (`load/cpu.rs`). Then the
-//! storm row (1,000 concurrent requests on one key, upstream taking 100 ms) and the
-//! memory row (1M records of 1 KiB).
+//! memory store. For each median run it also prints where the CPU went per request (the
+//! proxy's user and kernel time, the upstream's, Redis's, wrk's) and the machine's idle
+//! share (`load/cpu.rs`). Then the storm row (1,000 concurrent requests on one key,
+//! upstream taking 100 ms) and the memory row (1M records of 1 KiB).
 //!
 //! `IDEMGATE_LOAD_SECS` (default 5), `IDEMGATE_LOAD_RUNS` (default 3; 0 skips the table),
 //! `IDEMGATE_LOAD_STORM` (0 skips the storm) and `IDEMGATE_LOAD_RECORDS` (default 1000000;

@@ -43,7 +43,7 @@ pub struct Metrics {
     inflight: Family<RouteLabel, Gauge>,
     waiting: Family<RouteLabel, Gauge>,
     /// Each route's series, found by name: `get_or_create` builds and hashes its labels
-    /// on every call (measured: ~3% of a pass-through GET's instructions).
+    /// on every call (measured: ~2% of a pass-through GET's instructions).
     routes: ArcSwap<Vec<Arc<RouteSeries>>>,
 }
 
@@ -142,15 +142,19 @@ impl Metrics {
     pub fn observe(&self, route: &str, report: &Report) {
         self.with_route(route, |series| {
             if let Some(outcome) = report.outcome {
-                series.requests[outcome as usize]
-                    .get_or_init(|| {
-                        let labels = RequestLabels {
-                            route: series.route.to_string(),
-                            outcome: outcome.as_str(),
-                        };
-                        self.requests.get_or_create(&labels).clone()
-                    })
-                    .inc();
+                let labels = || RequestLabels {
+                    route: series.route.to_string(),
+                    outcome: outcome.as_str(),
+                };
+                // `Outcome::ALL` lists every outcome at its own index (tested there); an
+                // outcome left out of it is still counted, through the family.
+                let counter = match series.requests.get(outcome as usize) {
+                    Some(slot) => {
+                        slot.get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                    }
+                    None => &self.requests.get_or_create(&labels()).clone(),
+                };
+                counter.inc();
             }
             if let Some(latency) = report.upstream_latency {
                 series

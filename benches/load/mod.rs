@@ -301,21 +301,20 @@ pub fn micros(us: f64) -> String {
     }
 }
 
-/// The run with the median req/s of `runs`.
 /// Runs every target `runs` times in rounds (each round runs each target once, in
-/// order), so that the machine's drift over the minutes a row takes falls on all of
+/// order), so that a drift in the machine's speed while a row runs falls on all of
 /// them alike, and returns each target's median run by req/s.
 pub fn interleaved(runs: usize, targets: usize, mut run: impl FnMut(usize) -> Wrk) -> Vec<Wrk> {
     let mut all: Vec<Vec<Wrk>> = vec![Vec::new(); targets];
     for _ in 0..runs.max(1) {
-        for (target, runs) in all.iter_mut().enumerate() {
-            runs.push(run(target));
+        for (target, samples) in all.iter_mut().enumerate() {
+            samples.push(run(target));
         }
     }
     all.into_iter()
-        .map(|mut runs| {
-            runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
-            runs[runs.len() / 2]
+        .map(|mut samples| {
+            samples.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            samples[samples.len() / 2]
         })
         .collect()
 }

@@ -102,3 +102,16 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metrics keep one counter per outcome, found at `outcome as usize`.
+    #[test]
+    fn all_lists_each_outcome_at_its_own_index() {
+        for (i, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, i, "{outcome:?}");
+        }
+    }
+}
