@@ -416,6 +416,67 @@ async fn redis_publishes_a_completion_only_when_someone_waits() {
     assert_eq!(body_of(&b, 21).await.as_deref(), Some(&b"loud"[..]));
 }
 
+/// A URL's password and database reach Redis on every connection the store makes, and
+/// a wrong password is an unavailable store, never records written elsewhere.
+#[tokio::test]
+async fn redis_with_a_password_and_a_database_uses_both() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]).await;
+    let url = |password: &str, db: u8| format!("redis://:{password}@{}/{db}", server.addr);
+    let store = redis_store(url("s3cret-pw", 3), Duration::from_secs(30)).await;
+    claim(&store, 30, None)
+        .await
+        .complete(record("in db 3"), TTL)
+        .await
+        .unwrap();
+    assert_eq!(body_of(&store, 30).await.as_deref(), Some(&b"in db 3"[..]));
+    for (db, keys) in [(3, 1), (0, 0)] {
+        let client = ::redis::Client::open(url("s3cret-pw", db)).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let n: i64 = ::redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
+        assert_eq!(n, keys, "database {db}");
+    }
+    let config = redis_config(url("wrong-pw", 3), Duration::from_secs(30));
+    let wrong = RedisStore::start(&config, CancellationToken::new()).unwrap();
+    match wrong.clone().begin(id(31), FP, None).await {
+        Err(StoreError::Unavailable(why)) => assert!(!why.contains("wrong-pw"), "{why}"),
+        other => panic!("expected unavailable, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// Calls in flight together on one connection each get their own reply, a record of a
+/// few MiB among them (its reply arrives over many reads).
+#[tokio::test]
+async fn redis_answers_concurrent_calls_each_with_its_own_reply() {
+    use futures_util::future::join_all;
+    let server = RedisServer::start().await;
+    let store = redis_store(server.url(), Duration::from_secs(30)).await;
+    let bodies: Vec<Bytes> = (0..40u64)
+        .map(|n| match n {
+            7 => Bytes::from(vec![b'z'; 3 << 20]),
+            n => Bytes::from(format!("body {n}")),
+        })
+        .collect();
+    let claims = join_all((0..40).map(|n| claim(&store, 100 + n, None))).await;
+    let completions = claims.into_iter().zip(&bodies).map(|(c, body)| {
+        let encoded = Record {
+            fingerprint: FP,
+            status: StatusCode::CREATED,
+            headers: Vec::new(),
+            body: Some(body.clone()),
+        }
+        .encode()
+        .unwrap();
+        c.complete(encoded, TTL)
+    });
+    for done in join_all(completions).await {
+        done.unwrap();
+    }
+    let read = join_all((0..40).map(|n| body_of(&store, 100 + n))).await;
+    for (n, (got, want)) in read.iter().zip(&bodies).enumerate() {
+        assert_eq!(got.as_ref(), Some(want), "id {}", 100 + n);
+    }
+}
+
 #[tokio::test]
 async fn redis_refuses_a_record_written_by_a_future_version() {
     let server = RedisServer::start().await;

@@ -98,5 +98,6 @@ async fn ping(addr: SocketAddr) -> bool {
         return false;
     }
     let mut buf = [0u8; 16];
-    matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG"))
+    // A server started with `--requirepass` is up when it asks for the password.
+    matches!(tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await, Ok(Ok(n)) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
 }

@@ -8,15 +8,17 @@ use std::time::Duration;
 use ::redis::aio::ConnectionLike;
 use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 
+use super::pipe::Pipe;
 use super::RedisStore;
 
 /// Longest any one store call may take before the store counts as unavailable.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One node (a reconnecting manager) or a Cluster connection.
+/// One node (a reconnecting manager, or a serving thread's own pipe) or a Cluster.
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(::redis::aio::ConnectionManager),
+    Pipe(Pipe),
     Cluster(::redis::cluster_async::ClusterConnection),
 }
 
@@ -24,6 +26,7 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Pipe(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -35,12 +38,14 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Pipe(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
+            Conn::Pipe(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }

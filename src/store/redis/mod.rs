@@ -25,6 +25,8 @@ use crate::config::StoreConfig;
 
 mod conn;
 mod keys;
+mod pipe;
+mod resp;
 mod scripts;
 mod waiters;
 
@@ -143,9 +145,10 @@ impl RedisStore {
     }
 
     /// On a single-threaded runtime (a serving thread, see `server::workers`), this
-    /// thread's own connection to a single node: its driver runs on this thread, so a
+    /// thread's own connection to a single node: its task runs on this thread, so a
     /// store call does not hop to another runtime and back (measured: replay 32.6k →
-    /// 44.1k req/s, miss 12.3k → 15.6k). `None` elsewhere, and for a Cluster.
+    /// 44.1k req/s, miss 12.3k → 15.6k). Over plain TCP it is our own [`pipe`]; over
+    /// TLS, redis-rs's. `None` elsewhere, and for a Cluster.
     fn thread_conn(&self) -> Option<Conn> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let flavor = Handle::try_current().ok()?.runtime_flavor();
@@ -159,13 +162,17 @@ impl RedisStore {
                 Some((made, conn)) if *made == generation => return Some(conn.clone()),
                 _ => {}
             }
-            // Lazy: it connects on first use, from this thread, and reconnects itself.
             let client = self.client(&self.urls[0]).ok()?;
-            // No response timer of its own: `invoke`'s covers each call, and a call that
-            // fails drops this connection (one timer per call was ~2% of a miss).
-            let config = manager_config().set_response_timeout(None);
-            let manager = client.get_connection_manager_lazy(config).ok()?;
-            let conn = Conn::Single(manager);
+            let conn = match pipe::Pipe::open(client.get_connection_info()) {
+                Some(pipe) => Conn::Pipe(pipe),
+                None => {
+                    // No response timer of its own: `invoke`'s covers each call, and a
+                    // call that fails drops this connection (one timer per call was ~2%
+                    // of a miss). Lazy: it connects on first use, from this thread.
+                    let config = manager_config().set_response_timeout(None);
+                    Conn::Single(client.get_connection_manager_lazy(config).ok()?)
+                }
+            };
             conns.insert(self.id, (generation, conn.clone()));
             Some(conn)
         })

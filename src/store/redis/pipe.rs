@@ -1,0 +1,297 @@
+//! A serving thread's own connection to a single Redis node over plain TCP. A call
+//! appends its command to the connection's buffer and waits for its reply; one task on
+//! the same thread writes whatever calls have gathered in one go and hands the replies
+//! back in order. That is what redis-rs's multiplexed connection does, without its
+//! channel, its per-call pipeline bookkeeping and its combinator parser (measured: see
+//! the README's *Performance*). TLS and Unix sockets keep redis-rs's connection.
+//!
+//! It never reconnects: the first failure fails every call waiting and every later
+//! one, and the store then drops it and makes a new one (`RedisStore::thread_conn`).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ::redis::aio::ConnectionLike;
+use ::redis::{Cmd, ConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+use super::conn::OP_TIMEOUT;
+use super::resp;
+
+type Reply = oneshot::Sender<RedisResult<Value>>;
+
+/// How much the connection reads at a time, and the most it keeps of a buffer between
+/// bursts.
+const READ: usize = 16 * 1024;
+const KEEP: usize = 256 * 1024;
+
+/// A handle on the connection; when the last one drops, its task closes it.
+#[derive(Clone)]
+pub(super) struct Pipe(Arc<Handle>);
+
+struct Handle {
+    shared: Arc<Shared>,
+    db: i64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the task: commands to write, or the last handle gone.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// Commands written by calls, not yet taken by the task.
+    out: Vec<u8>,
+    /// One per command sent or buffered, in order.
+    waiting: VecDeque<Reply>,
+    /// Why the connection ended; every later call fails with it.
+    failed: Option<String>,
+    /// The last handle dropped: the task closes the connection and ends.
+    closed: bool,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held cannot leave `State` half-changed.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.state().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Pipe {
+    /// `None` for what this connection does not speak (TLS, Unix sockets). It connects
+    /// in the background; calls made meanwhile are written once it has.
+    pub(super) fn open(info: &ConnectionInfo) -> Option<Pipe> {
+        let ::redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+            return None;
+        };
+        let redis = info.redis_settings();
+        let mut hello = Vec::new();
+        let mut replies = 0;
+        if let Some(password) = redis.password() {
+            let mut auth = ::redis::cmd("AUTH");
+            if let Some(user) = redis.username() {
+                auth.arg(user);
+            }
+            auth.arg(password).write_packed_command(&mut hello);
+            replies += 1;
+        }
+        if redis.db() != 0 {
+            ::redis::cmd("SELECT")
+                .arg(redis.db())
+                .write_packed_command(&mut hello);
+            replies += 1;
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::default(),
+            wake: Notify::new(),
+        });
+        let address = (host.clone(), *port);
+        tokio::spawn(drive(shared.clone(), address, hello, replies));
+        Some(Pipe(Arc::new(Handle {
+            shared,
+            db: redis.db(),
+        })))
+    }
+
+    /// Buffers the commands and returns where their `count` replies will arrive.
+    fn send(&self, count: usize, write: impl FnOnce(&mut Vec<u8>)) -> RedisResult<Vec<Waiting>> {
+        let shared = &self.0.shared;
+        let mut state = shared.state();
+        if let Some(why) = &state.failed {
+            return Err(broken(why));
+        }
+        write(&mut state.out);
+        let waiting = (0..count)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel();
+                state.waiting.push_back(tx);
+                rx
+            })
+            .collect();
+        drop(state);
+        shared.wake.notify_one();
+        Ok(waiting)
+    }
+}
+
+type Waiting = oneshot::Receiver<RedisResult<Value>>;
+
+async fn answer(waiting: Waiting) -> RedisResult<Value> {
+    waiting
+        .await
+        .unwrap_or_else(|_| Err(broken("the connection's task ended")))
+}
+
+impl ConnectionLike for Pipe {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        let sent = self.send(1, |out| cmd.write_packed_command(out));
+        Box::pin(async move {
+            let mut waiting = sent?;
+            match waiting.pop() {
+                Some(one) => answer(one).await,
+                None => Err(broken("no reply was expected")),
+            }
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        // As redis-rs's own connections do: every command answers, the first `offset`
+        // answers (an atomic pipeline's MULTI and QUEUED) are not returned.
+        let packed = pipeline.get_packed_pipeline();
+        let sent = self.send(offset + count, |out| out.extend_from_slice(&packed));
+        Box::pin(async move {
+            let mut values = Vec::with_capacity(count);
+            for (i, one) in sent?.into_iter().enumerate() {
+                let value = answer(one).await?;
+                if i >= offset {
+                    values.push(value);
+                }
+            }
+            Ok(values)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.db
+    }
+}
+
+fn broken(why: &str) -> RedisError {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why.to_string()).into()
+}
+
+/// The connection's task: runs it until it fails or its last handle drops, then fails
+/// whatever still waits.
+async fn drive(shared: Arc<Shared>, address: (String, u16), hello: Vec<u8>, replies: usize) {
+    let why = match serve(&shared, &address, hello, replies).await {
+        Ok(()) => "the connection was closed".to_string(),
+        Err(e) => format!("Redis at {}:{}: {e}", address.0, address.1),
+    };
+    let waiting = {
+        let mut state = shared.state();
+        state.failed.get_or_insert(why.clone());
+        std::mem::take(&mut state.waiting)
+    };
+    for reply in waiting {
+        let _ = reply.send(Err(broken(&why)));
+    }
+}
+
+async fn serve(
+    shared: &Shared,
+    address: &(String, u16),
+    hello: Vec<u8>,
+    replies: usize,
+) -> Result<(), String> {
+    let opened = tokio::time::timeout(OP_TIMEOUT, connect(address, hello, replies)).await;
+    let (mut rd, mut wr, mut input) = match opened {
+        Ok(opened) => opened?,
+        // Bounded: calls wait at most OP_TIMEOUT, and so does this task for a server
+        // that accepts and never answers.
+        Err(_) => return Err(format!("not connected within {OP_TIMEOUT:?}")),
+    };
+    let (mut out, mut sent) = (Vec::new(), 0);
+    loop {
+        if sent == out.len() {
+            out.clear();
+            sent = 0;
+            if out.capacity() > KEEP {
+                // A burst of large records; do not hold its buffer for good.
+                out = Vec::new();
+            }
+            let mut state = shared.state();
+            if state.closed {
+                return Ok(());
+            }
+            std::mem::swap(&mut out, &mut state.out);
+        }
+        if input.is_empty() && input.capacity() > KEEP {
+            input = BytesMut::new();
+        }
+        // Room for a whole read: a full buffer would otherwise be read 64 bytes at a time.
+        input.reserve(READ);
+        tokio::select! {
+            read = rd.read_buf(&mut input) => {
+                if read.map_err(|e| e.to_string())? == 0 {
+                    return Err("the server closed the connection".into());
+                }
+                deliver(shared, &mut input)?;
+            }
+            written = wr.write(&out[sent..]), if sent < out.len() => {
+                sent += written.map_err(|e| e.to_string())?;
+            }
+            () = shared.wake.notified(), if sent == out.len() => {}
+        }
+    }
+}
+
+/// Connects and, when the URL asks for them, authenticates and selects the database.
+async fn connect(
+    (host, port): &(String, u16),
+    hello: Vec<u8>,
+    replies: usize,
+) -> Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut), String> {
+    let stream = TcpStream::connect((host.as_str(), *port))
+        .await
+        .map_err(|e| e.to_string())?;
+    // Without it, a command written while another waits sits until that one's ACK.
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut input = BytesMut::with_capacity(READ);
+    wr.write_all(&hello).await.map_err(|e| e.to_string())?;
+    for _ in 0..replies {
+        match next_reply(&mut rd, &mut input).await? {
+            Ok(Value::Okay) => {}
+            Ok(other) => return Err(format!("unexpected answer to AUTH or SELECT: {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok((rd, wr, input))
+}
+
+/// Hands every whole reply in `input` to the call that waits for it.
+fn deliver(shared: &Shared, input: &mut BytesMut) -> Result<(), String> {
+    while let Some((reply, used)) = resp::parse(input)? {
+        input.advance(used);
+        let waiting = shared.state().waiting.pop_front();
+        match waiting {
+            // The call may have timed out and gone; its reply is dropped in its turn.
+            Some(call) => drop(call.send(reply)),
+            None => return Err("a reply no call asked for".into()),
+        }
+    }
+    Ok(())
+}
+
+async fn next_reply(
+    rd: &mut OwnedReadHalf,
+    input: &mut BytesMut,
+) -> Result<RedisResult<Value>, String> {
+    loop {
+        if let Some((reply, used)) = resp::parse(input)? {
+            input.advance(used);
+            return Ok(reply);
+        }
+        if rd.read_buf(input).await.map_err(|e| e.to_string())? == 0 {
+            return Err("the server closed the connection".into());
+        }
+    }
+}
