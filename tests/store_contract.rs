@@ -477,6 +477,72 @@ async fn redis_answers_concurrent_calls_each_with_its_own_reply() {
     }
 }
 
+/// A connection's scripts gone (`SCRIPT FLUSH`, or a restarted Redis) are loaded again
+/// on the same connection, and the call still answers.
+#[tokio::test]
+async fn redis_loads_its_scripts_again_after_a_flush() {
+    let server = RedisServer::start().await;
+    let store = redis_store(server.url(), Duration::from_secs(30)).await;
+    let first = claim(&store, 50, None).await;
+    let mut conn = server.connection().await;
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    first.complete(record("after flush"), TTL).await.unwrap();
+    assert_eq!(
+        body_of(&store, 50).await.as_deref(),
+        Some(&b"after flush"[..])
+    );
+}
+
+/// A call Redis leaves unanswered fails as unavailable within the store's 2 s, and a
+/// later call, on a new connection, is answered.
+#[tokio::test]
+async fn redis_unanswered_call_is_unavailable_and_the_next_is_answered() {
+    // Holds Redis for 3 s: every other client's command waits, unanswered.
+    const SPIN: &str = "local t = redis.call('TIME') repeat local n = redis.call('TIME') \
+        until (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 3000000 return 1";
+    let server = RedisServer::start().await;
+    let store = redis_store(server.url(), Duration::from_secs(30)).await;
+    claim(&store, 60, None).await.release();
+    let mut blocker = server.connection().await;
+    let spin = tokio::spawn(async move {
+        let _: ::redis::RedisResult<i64> = ::redis::cmd("EVAL")
+            .arg(SPIN)
+            .arg(0)
+            .query_async(&mut blocker)
+            .await;
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (why, waited) = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no call went unanswered"
+        );
+        let started = tokio::time::Instant::now();
+        match store.clone().begin(id(61), FP, None).await {
+            // Answered before the script began: try again.
+            Ok(Begin::Claimed(c)) => c.release(),
+            Err(StoreError::Unavailable(why)) => break (why, started.elapsed()),
+            other => panic!("unexpected {:?}", other.map(|_| ())),
+        }
+    };
+    assert!(
+        waited < Duration::from_secs(3),
+        "unavailable after {waited:?}: {why}"
+    );
+    spin.await.unwrap();
+    assert!(
+        matches!(
+            store.clone().begin(id(62), FP, None).await,
+            Ok(Begin::Claimed(_))
+        ),
+        "the call after the outage was not answered"
+    );
+}
+
 #[tokio::test]
 async fn redis_refuses_a_record_written_by_a_future_version() {
     let server = RedisServer::start().await;

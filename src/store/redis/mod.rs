@@ -159,6 +159,7 @@ impl RedisStore {
         THREAD_CONNS.with(|conns| {
             let mut conns = conns.borrow_mut();
             match conns.get(&self.id) {
+                Some((_, Conn::Pipe(pipe))) if pipe.is_broken() => {}
                 Some((made, conn)) if *made == generation => return Some(conn.clone()),
                 _ => {}
             }

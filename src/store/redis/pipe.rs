@@ -106,7 +106,13 @@ impl Pipe {
         })))
     }
 
-    /// Buffers the commands and returns where their `count` replies will arrive.
+    /// The connection has ended: the thread should make a new one before its next call.
+    pub(super) fn is_broken(&self) -> bool {
+        self.0.shared.state().failed.is_some()
+    }
+
+    /// Buffers the commands and returns where their `count` replies will arrive; bytes
+    /// and waiters go in under one lock, so replies can be matched by order alone.
     fn send(&self, count: usize, write: impl FnOnce(&mut Vec<u8>)) -> RedisResult<Vec<Waiting>> {
         let shared = &self.0.shared;
         let mut state = shared.state();
@@ -129,6 +135,7 @@ impl Pipe {
 
 type Waiting = oneshot::Receiver<RedisResult<Value>>;
 
+/// A call's reply; a task that ended without sending it failed the call.
 async fn answer(waiting: Waiting) -> RedisResult<Value> {
     waiting
         .await
@@ -174,6 +181,7 @@ impl ConnectionLike for Pipe {
     }
 }
 
+/// As an I/O error, so the store reports Redis as unavailable.
 fn broken(why: &str) -> RedisError {
     std::io::Error::new(std::io::ErrorKind::ConnectionAborted, why.to_string()).into()
 }
@@ -181,17 +189,33 @@ fn broken(why: &str) -> RedisError {
 /// The connection's task: runs it until it fails or its last handle drops, then fails
 /// whatever still waits.
 async fn drive(shared: Arc<Shared>, address: (String, u16), hello: Vec<u8>, replies: usize) {
-    let why = match serve(&shared, &address, hello, replies).await {
+    let mut ending = Ending {
+        shared: shared.clone(),
+        why: "the connection's task ended".into(),
+    };
+    ending.why = match serve(&shared, &address, hello, replies).await {
         Ok(()) => "the connection was closed".to_string(),
         Err(e) => format!("Redis at {}:{}: {e}", address.0, address.1),
     };
-    let waiting = {
-        let mut state = shared.state();
-        state.failed.get_or_insert(why.clone());
-        std::mem::take(&mut state.waiting)
-    };
-    for reply in waiting {
-        let _ = reply.send(Err(broken(&why)));
+}
+
+/// Fails every call still waiting and every later one when the task ends, however it
+/// ends (a panic included), so that no call waits for a reply that cannot come.
+struct Ending {
+    shared: Arc<Shared>,
+    why: String,
+}
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        let waiting = {
+            let mut state = self.shared.state();
+            state.failed.get_or_insert(self.why.clone());
+            std::mem::take(&mut state.waiting)
+        };
+        for reply in waiting {
+            let _ = reply.send(Err(broken(&self.why)));
+        }
     }
 }
 
@@ -210,18 +234,22 @@ async fn serve(
     };
     let (mut out, mut sent) = (Vec::new(), 0);
     loop {
-        if sent == out.len() {
-            out.clear();
-            sent = 0;
-            if out.capacity() > KEEP {
-                // A burst of large records; do not hold its buffer for good.
-                out = Vec::new();
-            }
+        {
+            // Checked on every pass: a server that stopped reading must not keep this
+            // task, its socket and its buffers once every handle has gone.
             let mut state = shared.state();
             if state.closed {
                 return Ok(());
             }
-            std::mem::swap(&mut out, &mut state.out);
+            if sent == out.len() {
+                out.clear();
+                sent = 0;
+                if out.capacity() > KEEP {
+                    // A burst of large records; do not hold its buffer for good.
+                    out = Vec::new();
+                }
+                std::mem::swap(&mut out, &mut state.out);
+            }
         }
         if input.is_empty() && input.capacity() > KEEP {
             input = BytesMut::new();
@@ -236,14 +264,18 @@ async fn serve(
                 deliver(shared, &mut input)?;
             }
             written = wr.write(&out[sent..]), if sent < out.len() => {
-                sent += written.map_err(|e| e.to_string())?;
+                match written.map_err(|e| e.to_string())? {
+                    0 => return Err("the connection took no more bytes".into()),
+                    n => sent += n,
+                }
             }
-            () = shared.wake.notified(), if sent == out.len() => {}
+            () = shared.wake.notified() => {}
         }
     }
 }
 
-/// Connects and, when the URL asks for them, authenticates and selects the database.
+/// Connects, then authenticates and selects the database when the URL asks for them,
+/// before any call's command is written (they would fail, or land in database 0).
 async fn connect(
     (host, port): &(String, u16),
     hello: Vec<u8>,
@@ -267,7 +299,8 @@ async fn connect(
     Ok((rd, wr, input))
 }
 
-/// Hands every whole reply in `input` to the call that waits for it.
+/// Hands every whole reply in `input` to the call that waits for it: replies come in the
+/// order the commands were written, and `send` queued each waiter with its command.
 fn deliver(shared: &Shared, input: &mut BytesMut) -> Result<(), String> {
     while let Some((reply, used)) = resp::parse(input)? {
         input.advance(used);
@@ -281,6 +314,7 @@ fn deliver(shared: &Shared, input: &mut BytesMut) -> Result<(), String> {
     Ok(())
 }
 
+/// The next reply, for the handshake (no call waits yet).
 async fn next_reply(
     rd: &mut OwnedReadHalf,
     input: &mut BytesMut,

@@ -8,14 +8,22 @@ use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 /// A reply and the bytes it took, once complete; `Err` for bytes no server would send.
 pub(super) type Parsed = Option<(Result<Value, RedisError>, usize)>;
 
+/// Nesting deeper than this is refused rather than followed: the parser recurses, and a
+/// broken server's `*1` after `*1` must not exhaust a serving thread's stack (redis-rs
+/// stops at the same depth).
+const MAX_DEPTH: usize = 100;
+
 pub(super) fn parse(buf: &[u8]) -> Result<Parsed, String> {
-    Ok(value(buf, 0)?.map(|(reply, end)| (reply.map_err(|e| server_error(&e)), end)))
+    Ok(value(buf, 0, 0)?.map(|(reply, end)| (reply.map_err(|e| server_error(&e)), end)))
 }
 
 /// The value starting at `at` (an error reply as its text) and where it ends.
 type Item = Option<(Result<Value, String>, usize)>;
 
-fn value(buf: &[u8], at: usize) -> Result<Item, String> {
+fn value(buf: &[u8], at: usize, depth: usize) -> Result<Item, String> {
+    if depth > MAX_DEPTH {
+        return Err(format!("a reply nested deeper than {MAX_DEPTH}"));
+    }
     let Some((kind, text, next)) = line(buf, at) else {
         return Ok(None);
     };
@@ -24,19 +32,20 @@ fn value(buf: &[u8], at: usize) -> Result<Item, String> {
         b'+' => Ok(Value::SimpleString(lossy(text))),
         b'-' => Err(lossy(text)),
         b':' => Ok(Value::Int(number(text)?)),
-        b'$' => return bulk(buf, number(text)?, next),
-        b'*' => return array(buf, number(text)?, next),
+        b'$' => return bulk(buf, length(text)?, next),
+        b'*' => return array(buf, length(text)?, next, depth),
         other => return Err(format!("unexpected reply type {:?}", other as char)),
     };
     Ok(Some((reply, next)))
 }
 
-fn bulk(buf: &[u8], len: i64, at: usize) -> Result<Item, String> {
-    let Ok(len) = usize::try_from(len) else {
+/// `None` for a nil (`-1`).
+fn bulk(buf: &[u8], len: Option<usize>, at: usize) -> Result<Item, String> {
+    let Some(len) = len else {
         return Ok(Some((Ok(Value::Nil), at)));
     };
-    let end = at + len;
-    match buf.get(end..end + 2) {
+    let end = at.checked_add(len).ok_or("a bulk string too long")?;
+    match buf.get(end..end.saturating_add(2)) {
         None => Ok(None),
         Some(b"\r\n") => Ok(Some((
             Ok(Value::BulkString(buf[at..end].to_vec())),
@@ -46,15 +55,17 @@ fn bulk(buf: &[u8], len: i64, at: usize) -> Result<Item, String> {
     }
 }
 
-fn array(buf: &[u8], len: i64, mut at: usize) -> Result<Item, String> {
-    let Ok(len) = usize::try_from(len) else {
+/// `None` for a nil (`-1`). An error among the items is the whole reply's error, as
+/// redis-rs makes it.
+fn array(buf: &[u8], len: Option<usize>, mut at: usize, depth: usize) -> Result<Item, String> {
+    let Some(len) = len else {
         return Ok(Some((Ok(Value::Nil), at)));
     };
     // Not `with_capacity(len)`: the length is the server's word, the bytes are not here yet.
     let mut items = Vec::new();
     let mut failed = None;
     for _ in 0..len {
-        let Some((item, next)) = value(buf, at)? else {
+        let Some((item, next)) = value(buf, at, depth + 1)? else {
             return Ok(None);
         };
         match item {
@@ -78,6 +89,17 @@ fn line(buf: &[u8], at: usize) -> Option<(u8, &[u8], usize)> {
     Some((kind, &rest[..len], at + 1 + len + 2))
 }
 
+/// A bulk string's or an array's length: `None` for `-1` (nil), an error for any other
+/// negative number or one this machine cannot address.
+fn length(text: &[u8]) -> Result<Option<usize>, String> {
+    match number(text)? {
+        -1 => Ok(None),
+        n => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| format!("not a length: {n}")),
+    }
+}
+
 fn number(text: &[u8]) -> Result<i64, String> {
     std::str::from_utf8(text)
         .ok()
@@ -89,25 +111,30 @@ fn lossy(text: &[u8]) -> String {
     String::from_utf8_lossy(text).into_owned()
 }
 
+/// The kinds redis-rs gives the error codes it knows; any other error keeps its code in
+/// its text.
 fn server_error(text: &str) -> RedisError {
     let (code, detail) = text.split_once(' ').unwrap_or((text, ""));
     let kind = match code {
         "NOSCRIPT" => ServerErrorKind::NoScript,
-        "READONLY" => ServerErrorKind::ReadOnly,
+        "EXECABORT" => ServerErrorKind::ExecAbort,
         "LOADING" => ServerErrorKind::BusyLoading,
+        "MOVED" => ServerErrorKind::Moved,
+        "ASK" => ServerErrorKind::Ask,
+        "TRYAGAIN" => ServerErrorKind::TryAgain,
+        "CLUSTERDOWN" => ServerErrorKind::ClusterDown,
+        "CROSSSLOT" => ServerErrorKind::CrossSlot,
+        "MASTERDOWN" => ServerErrorKind::MasterDown,
+        "READONLY" => ServerErrorKind::ReadOnly,
+        "NOTBUSY" => ServerErrorKind::NotBusy,
         "NOPERM" => ServerErrorKind::NoPerm,
-        _ => ServerErrorKind::ResponseError,
+        _ => {
+            let kind = ErrorKind::Server(ServerErrorKind::ResponseError);
+            return RedisError::from((kind, "Redis answered with an error", text.to_string()));
+        }
     };
-    let detail = if kind == ServerErrorKind::ResponseError {
-        text.to_string()
-    } else {
-        detail.to_string()
-    };
-    RedisError::from((
-        ErrorKind::Server(kind),
-        "Redis answered with an error",
-        detail,
-    ))
+    let kind = ErrorKind::Server(kind);
+    RedisError::from((kind, "Redis answered with an error", detail.to_string()))
 }
 
 #[cfg(test)]
@@ -166,5 +193,17 @@ mod tests {
         assert!(parse(b"?x\r\n").is_err());
         assert!(parse(b":12a\r\n").is_err());
         assert!(parse(b"$2\r\nabc\r\n").is_err());
+        assert!(parse(b"$-2\r\n").is_err());
+        assert!(parse(b"*-7\r\n").is_err());
+        assert!(parse(b"$9223372036854775807\r\nab").is_ok_and(|p| p.is_none()));
+    }
+
+    #[test]
+    fn refuses_nesting_deeper_than_redis_rs_follows() {
+        let deep = b"*1\r\n".repeat(100_000);
+        assert!(parse(&deep).is_err());
+        let mut ok = b"*1\r\n".repeat(MAX_DEPTH);
+        ok.extend_from_slice(b":1\r\n");
+        assert!(matches!(parse(&ok), Ok(Some((Ok(_), _)))));
     }
 }
