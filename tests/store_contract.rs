@@ -29,6 +29,10 @@ fn id(n: u64) -> RecordId {
 }
 
 fn record(body: &'static str) -> idemgate::store::Encoded {
+    record_of(Bytes::from_static(body.as_bytes()))
+}
+
+fn record_of(body: Bytes) -> idemgate::store::Encoded {
     Record {
         fingerprint: FP,
         status: StatusCode::CREATED,
@@ -36,7 +40,7 @@ fn record(body: &'static str) -> idemgate::store::Encoded {
             http::header::CONTENT_TYPE,
             "application/json".parse().unwrap(),
         )],
-        body: Some(Bytes::from_static(body.as_bytes())),
+        body: Some(body),
     }
     .encode()
     .unwrap()
@@ -457,17 +461,10 @@ async fn redis_answers_concurrent_calls_each_with_its_own_reply() {
         })
         .collect();
     let claims = join_all((0..40).map(|n| claim(&store, 100 + n, None))).await;
-    let completions = claims.into_iter().zip(&bodies).map(|(c, body)| {
-        let encoded = Record {
-            fingerprint: FP,
-            status: StatusCode::CREATED,
-            headers: Vec::new(),
-            body: Some(body.clone()),
-        }
-        .encode()
-        .unwrap();
-        c.complete(encoded, TTL)
-    });
+    let completions = claims
+        .into_iter()
+        .zip(&bodies)
+        .map(|(c, body)| c.complete(record_of(body.clone()), TTL));
     for done in join_all(completions).await {
         done.unwrap();
     }

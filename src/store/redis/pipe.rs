@@ -113,23 +113,27 @@ impl Pipe {
 
     /// Buffers the commands and returns where their `count` replies will arrive; bytes
     /// and waiters go in under one lock, so replies can be matched by order alone.
-    fn send(&self, count: usize, write: impl FnOnce(&mut Vec<u8>)) -> RedisResult<Vec<Waiting>> {
+    /// `keep` gets each reply's receiver; a single call keeps its one without a `Vec`.
+    fn send(
+        &self,
+        count: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+        mut keep: impl FnMut(Waiting),
+    ) -> RedisResult<()> {
         let shared = &self.0.shared;
         let mut state = shared.state();
         if let Some(why) = &state.failed {
             return Err(broken(why));
         }
         write(&mut state.out);
-        let waiting = (0..count)
-            .map(|_| {
-                let (tx, rx) = oneshot::channel();
-                state.waiting.push_back(tx);
-                rx
-            })
-            .collect();
+        for _ in 0..count {
+            let (tx, rx) = oneshot::channel();
+            state.waiting.push_back(tx);
+            keep(rx);
+        }
         drop(state);
         shared.wake.notify_one();
-        Ok(waiting)
+        Ok(())
     }
 }
 
@@ -144,10 +148,11 @@ async fn answer(waiting: Waiting) -> RedisResult<Value> {
 
 impl ConnectionLike for Pipe {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let sent = self.send(1, |out| cmd.write_packed_command(out));
+        let mut one = None;
+        let sent = self.send(1, |out| cmd.write_packed_command(out), |w| one = Some(w));
         Box::pin(async move {
-            let mut waiting = sent?;
-            match waiting.pop() {
+            sent?;
+            match one {
                 Some(one) => answer(one).await,
                 None => Err(broken("no reply was expected")),
             }
@@ -163,10 +168,13 @@ impl ConnectionLike for Pipe {
         // As redis-rs's own connections do: every command answers, the first `offset`
         // answers (an atomic pipeline's MULTI and QUEUED) are not returned.
         let packed = pipeline.get_packed_pipeline();
-        let sent = self.send(offset + count, |out| out.extend_from_slice(&packed));
+        let mut waiting = Vec::with_capacity(offset + count);
+        let write = |out: &mut Vec<u8>| out.extend_from_slice(&packed);
+        let sent = self.send(offset + count, write, |w| waiting.push(w));
         Box::pin(async move {
+            sent?;
             let mut values = Vec::with_capacity(count);
-            for (i, one) in sent?.into_iter().enumerate() {
+            for (i, one) in waiting.into_iter().enumerate() {
                 let value = answer(one).await?;
                 if i >= offset {
                     values.push(value);
