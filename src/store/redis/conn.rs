@@ -14,19 +14,25 @@ use super::RedisStore;
 /// Longest any one store call may take before the store counts as unavailable.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One node (a reconnecting manager, or a serving thread's own pipe) or a Cluster.
+/// One node, through a reconnecting manager, or a Cluster.
 #[derive(Clone)]
 pub(super) enum Conn {
     Single(::redis::aio::ConnectionManager),
-    Pipe(Pipe),
     Cluster(::redis::cluster_async::ClusterConnection),
+}
+
+/// A serving thread's own connection to a single node: our [`Pipe`] over plain TCP,
+/// redis-rs's over TLS or a Unix socket.
+#[derive(Clone)]
+pub(super) enum ThreadConn {
+    Pipe(Pipe),
+    Conn(Conn),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Pipe(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -38,14 +44,12 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Conn::Pipe(c) => c.req_packed_commands(cmd, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
         }
     }
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
-            Conn::Pipe(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
     }

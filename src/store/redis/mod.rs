@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::redis::{Cmd, ErrorKind, Script, ServerErrorKind, Value};
+use ::redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -30,15 +30,15 @@ mod resp;
 mod scripts;
 mod waiters;
 
-use conn::{manager_config, nodelay, tls_roots, Conn, OP_TIMEOUT};
+use conn::{manager_config, nodelay, tls_roots, Conn, ThreadConn, OP_TIMEOUT};
 use keys::Keys;
-use scripts::{evalsha, Scripts};
+use scripts::{Arg, Call, Scripts};
 use waiters::parse_id;
 
 thread_local! {
     /// Each serving thread's connections, by store.
     /// Each entry remembers the store's [`RedisStore::generation`] it was made in.
-    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, (u64, Conn)>> = Default::default();
+    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, (u64, ThreadConn)>> = Default::default();
 }
 
 /// Tells stores apart in [`THREAD_CONNS`] (an address could be reused).
@@ -149,7 +149,7 @@ impl RedisStore {
     /// store call does not hop to another runtime and back (measured: replay 32.6k →
     /// 44.1k req/s, miss 12.3k → 15.6k). Over plain TCP it is our own [`pipe`]; over
     /// TLS, redis-rs's. `None` elsewhere, and for a Cluster.
-    fn thread_conn(&self) -> Option<Conn> {
+    fn thread_conn(&self) -> Option<ThreadConn> {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let flavor = Handle::try_current().ok()?.runtime_flavor();
         if flavor != RuntimeFlavor::CurrentThread || self.urls.len() != 1 {
@@ -159,19 +159,20 @@ impl RedisStore {
         THREAD_CONNS.with(|conns| {
             let mut conns = conns.borrow_mut();
             match conns.get(&self.id) {
-                Some((_, Conn::Pipe(pipe))) if pipe.is_broken() => {}
+                Some((_, ThreadConn::Pipe(pipe))) if pipe.is_broken() => {}
                 Some((made, conn)) if *made == generation => return Some(conn.clone()),
                 _ => {}
             }
             let client = self.client(&self.urls[0]).ok()?;
             let conn = match pipe::Pipe::open(client.get_connection_info()) {
-                Some(pipe) => Conn::Pipe(pipe),
+                Some(pipe) => ThreadConn::Pipe(pipe),
                 None => {
                     // No response timer of its own: `invoke`'s covers each call, and a
                     // call that fails drops this connection (one timer per call was ~2%
                     // of a miss). Lazy: it connects on first use, from this thread.
                     let config = manager_config().set_response_timeout(None);
-                    Conn::Single(client.get_connection_manager_lazy(config).ok()?)
+                    let manager = client.get_connection_manager_lazy(config).ok()?;
+                    ThreadConn::Conn(Conn::Single(manager))
                 }
             };
             conns.insert(self.id, (generation, conn.clone()));
@@ -183,28 +184,44 @@ impl RedisStore {
         Keys::new(&self.prefix, id)
     }
 
-    /// Runs `call`, an [`evalsha`] of `script`.
-    async fn run(&self, script: &Script, call: &Cmd) -> Result<Value, StoreError> {
+    async fn run(&self, call: Call<'_>) -> Result<Value, StoreError> {
         // Never retried: a script that timed out may have run.
-        if let Some(mut local) = self.thread_conn() {
-            let answer = Self::invoke(script, call, &mut local).await;
-            if answer.is_err() {
-                // The next call on this thread starts from a fresh connection.
-                self.forget_thread_conn();
-            }
-            return answer;
+        let answer = match self.thread_conn() {
+            Some(ThreadConn::Pipe(pipe)) => Self::invoke_pipe(&call, &pipe).await,
+            Some(ThreadConn::Conn(mut local)) => Self::invoke(&call, &mut local).await,
+            None => return Self::invoke(&call, &mut self.conn()?).await,
+        };
+        if answer.is_err() {
+            // The next call on this thread starts from a fresh connection.
+            self.forget_thread_conn();
         }
-        let mut conn = self.conn()?;
-        Self::invoke(script, call, &mut conn).await
+        answer
     }
 
-    async fn invoke(script: &Script, call: &Cmd, conn: &mut Conn) -> Result<Value, StoreError> {
+    /// A Redis restarted (or `SCRIPT FLUSH`ed) since the last call: load and try again.
+    fn no_script<T>(answer: &RedisResult<T>) -> bool {
+        matches!(answer, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+    }
+
+    /// The pipe bounds each command's wait itself (see [`pipe::Pipe::call`]).
+    async fn invoke_pipe(call: &Call<'_>, pipe: &pipe::Pipe) -> Result<Value, StoreError> {
+        let mut answer = pipe.call(|out| call.write(out)).await;
+        if Self::no_script(&answer) {
+            answer = match pipe.call(|out| call.lua.write_load(out)).await {
+                Ok(_) => pipe.call(|out| call.write(out)).await,
+                Err(e) => Err(e),
+            };
+        }
+        answer.map_err(unavailable)
+    }
+
+    async fn invoke(call: &Call<'_>, conn: &mut Conn) -> Result<Value, StoreError> {
+        let cmd = call.cmd();
         let answer = async {
-            match call.query_async::<Value>(conn).await {
-                // A Redis restarted (or `SCRIPT FLUSH`ed) since the last call.
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    script.load_async(conn).await?;
-                    call.query_async::<Value>(conn).await
+            match cmd.query_async::<Value>(conn).await {
+                answer if Self::no_script(&answer) => {
+                    call.lua.script.load_async(conn).await?;
+                    cmd.query_async::<Value>(conn).await
                 }
                 answer => answer,
             }
@@ -239,15 +256,16 @@ impl RedisStore {
         push_hex(&mut value, &token.0);
         push_hex(&mut value, &fp.0);
         let lease_ms = lease.as_millis().max(1) as u64;
-        let script = &self.scripts.begin;
-        let mut call = evalsha(
-            script,
-            &[keys.record(), keys.lock(), keys.waiting()],
-            3,
-            128,
-        );
-        call.arg(&value).arg(lease_ms).arg(WAITING_MS);
-        let answer = self.run(script, &call).await?;
+        let call = Call {
+            lua: &self.scripts.begin,
+            keys: &[keys.record(), keys.lock(), keys.waiting()],
+            args: &[
+                Arg::Bytes(value.as_bytes()),
+                Arg::Int(lease_ms),
+                Arg::Int(WAITING_MS),
+            ],
+        };
+        let answer = self.run(call).await?;
         let mut items = match answer {
             Value::Array(items) => items,
             other => return Err(StoreError::Corrupt(format!("unexpected answer {other:?}"))),
@@ -317,10 +335,13 @@ impl Store for RedisStore {
         Box::pin(async move {
             let keys = self.keys(id);
             let lease_ms = lease.as_millis().max(1) as u64;
-            let script = &self.scripts.renew;
-            let mut call = evalsha(script, &[keys.lock()], 2, 64);
-            call.arg(token.hex()).arg(lease_ms);
-            let answer = self.run(script, &call).await?;
+            let token = token.hex();
+            let call = Call {
+                lua: &self.scripts.renew,
+                keys: &[keys.lock()],
+                args: &[Arg::Bytes(token.as_bytes()), Arg::Int(lease_ms)],
+            };
+            let answer = self.run(call).await?;
             self.owned(answer)
         })
     }
@@ -336,16 +357,19 @@ impl Store for RedisStore {
             let keys = self.keys(id);
             let ttl_ms = ttl.as_millis().max(1) as u64;
             let record = record.as_bytes();
-            let script = &self.scripts.complete;
-            let mut call = evalsha(
-                script,
-                &[keys.record(), keys.lock(), keys.waiting()],
-                5,
-                record.len() + self.channel.len() + 128,
-            );
-            call.arg(token.hex()).arg(record.as_ref()).arg(ttl_ms);
-            call.arg(&self.channel).arg(keys.message(":c"));
-            let answer = self.run(script, &call).await?;
+            let (token, message) = (token.hex(), keys.message(":c"));
+            let call = Call {
+                lua: &self.scripts.complete,
+                keys: &[keys.record(), keys.lock(), keys.waiting()],
+                args: &[
+                    Arg::Bytes(token.as_bytes()),
+                    Arg::Bytes(record.as_ref()),
+                    Arg::Int(ttl_ms),
+                    Arg::Bytes(self.channel.as_bytes()),
+                    Arg::Bytes(message.as_bytes()),
+                ],
+            };
+            let answer = self.run(call).await?;
             self.owned(answer)
         })
     }
@@ -357,12 +381,17 @@ impl Store for RedisStore {
     ) -> BoxFuture<'static, Result<(), StoreError>> {
         Box::pin(async move {
             let keys = self.keys(id);
-            let script = &self.scripts.release;
-            let mut call = evalsha(script, &[keys.lock(), keys.waiting()], 3, 128);
-            call.arg(token.hex())
-                .arg(&self.channel)
-                .arg(keys.message(":r"));
-            let answer = self.run(script, &call).await?;
+            let (token, message) = (token.hex(), keys.message(":r"));
+            let call = Call {
+                lua: &self.scripts.release,
+                keys: &[keys.lock(), keys.waiting()],
+                args: &[
+                    Arg::Bytes(token.as_bytes()),
+                    Arg::Bytes(self.channel.as_bytes()),
+                    Arg::Bytes(message.as_bytes()),
+                ],
+            };
+            let answer = self.run(call).await?;
             self.owned(answer)
         })
     }

@@ -11,13 +11,13 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ::redis::aio::ConnectionLike;
-use ::redis::{Cmd, ConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use ::redis::{ConnectionInfo, RedisError, RedisResult, Value};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
 use super::conn::OP_TIMEOUT;
 use super::resp;
@@ -35,7 +35,6 @@ pub(super) struct Pipe(Arc<Handle>);
 
 struct Handle {
     shared: Arc<Shared>,
-    db: i64,
 }
 
 struct Shared {
@@ -48,8 +47,8 @@ struct Shared {
 struct State {
     /// Commands written by calls, not yet taken by the task.
     out: Vec<u8>,
-    /// One per command sent or buffered, in order.
-    waiting: VecDeque<Reply>,
+    /// One per command sent or buffered, in order, with when it was queued.
+    waiting: VecDeque<(Reply, Instant)>,
     /// Why the connection ended; every later call fails with it.
     failed: Option<String>,
     /// The last handle dropped: the task closes the connection and ends.
@@ -100,10 +99,7 @@ impl Pipe {
         });
         let address = (host.clone(), *port);
         tokio::spawn(drive(shared.clone(), address, hello, replies));
-        Some(Pipe(Arc::new(Handle {
-            shared,
-            db: redis.db(),
-        })))
+        Some(Pipe(Arc::new(Handle { shared })))
     }
 
     /// The connection has ended: the thread should make a new one before its next call.
@@ -111,81 +107,25 @@ impl Pipe {
         self.0.shared.state().failed.is_some()
     }
 
-    /// Buffers the commands and returns where their `count` replies will arrive; bytes
-    /// and waiters go in under one lock, so replies can be matched by order alone.
-    /// `keep` gets each reply's receiver; a single call keeps its one without a `Vec`.
-    fn send(
-        &self,
-        count: usize,
-        write: impl FnOnce(&mut Vec<u8>),
-        mut keep: impl FnMut(Waiting),
-    ) -> RedisResult<()> {
+    /// One command, written by `write` straight into the connection's buffer, and its
+    /// reply. Bytes and waiter go in under one lock, so replies are matched by order
+    /// alone. No timer of its own: the task fails the connection when the oldest waiting
+    /// command has had no reply within [`OP_TIMEOUT`] (one timer a connection, not one
+    /// a call).
+    pub(super) async fn call(&self, write: impl FnOnce(&mut Vec<u8>)) -> RedisResult<Value> {
         let shared = &self.0.shared;
-        let mut state = shared.state();
-        if let Some(why) = &state.failed {
-            return Err(broken(why));
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = shared.state();
+            if let Some(why) = &state.failed {
+                return Err(broken(why));
+            }
+            write(&mut state.out);
+            state.waiting.push_back((tx, Instant::now()));
         }
-        write(&mut state.out);
-        for _ in 0..count {
-            let (tx, rx) = oneshot::channel();
-            state.waiting.push_back(tx);
-            keep(rx);
-        }
-        drop(state);
         shared.wake.notify_one();
-        Ok(())
-    }
-}
-
-type Waiting = oneshot::Receiver<RedisResult<Value>>;
-
-/// A call's reply; a task that ended without sending it failed the call.
-async fn answer(waiting: Waiting) -> RedisResult<Value> {
-    waiting
-        .await
-        .unwrap_or_else(|_| Err(broken("the connection's task ended")))
-}
-
-impl ConnectionLike for Pipe {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let mut one = None;
-        let sent = self.send(1, |out| cmd.write_packed_command(out), |w| one = Some(w));
-        Box::pin(async move {
-            sent?;
-            match one {
-                Some(one) => answer(one).await,
-                None => Err(broken("no reply was expected")),
-            }
-        })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        // As redis-rs's own connections do: every command answers, the first `offset`
-        // answers (an atomic pipeline's MULTI and QUEUED) are not returned.
-        let packed = pipeline.get_packed_pipeline();
-        let mut waiting = Vec::with_capacity(offset + count);
-        let write = |out: &mut Vec<u8>| out.extend_from_slice(&packed);
-        let sent = self.send(offset + count, write, |w| waiting.push(w));
-        Box::pin(async move {
-            sent?;
-            let mut values = Vec::with_capacity(count);
-            for (i, one) in waiting.into_iter().enumerate() {
-                let value = answer(one).await?;
-                if i >= offset {
-                    values.push(value);
-                }
-            }
-            Ok(values)
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.0.db
+        rx.await
+            .unwrap_or_else(|_| Err(broken("the connection's task ended")))
     }
 }
 
@@ -221,7 +161,7 @@ impl Drop for Ending {
             state.failed.get_or_insert(self.why.clone());
             std::mem::take(&mut state.waiting)
         };
-        for reply in waiting {
+        for (reply, _) in waiting {
             let _ = reply.send(Err(broken(&self.why)));
         }
     }
@@ -241,6 +181,9 @@ async fn serve(
         Err(_) => return Err(format!("not connected within {OP_TIMEOUT:?}")),
     };
     let (mut out, mut sent) = (Vec::new(), 0);
+    // Armed while a command waits, for the oldest one's deadline.
+    let (deadline, mut armed) = (tokio::time::sleep(OP_TIMEOUT), false);
+    tokio::pin!(deadline);
     loop {
         {
             // Checked on every pass: a server that stopped reading must not keep this
@@ -248,6 +191,12 @@ async fn serve(
             let mut state = shared.state();
             if state.closed {
                 return Ok(());
+            }
+            if !armed {
+                if let Some((_, queued)) = state.waiting.front() {
+                    deadline.as_mut().reset(*queued + OP_TIMEOUT);
+                    armed = true;
+                }
             }
             if sent == out.len() {
                 out.clear();
@@ -275,6 +224,18 @@ async fn serve(
                 match written.map_err(|e| e.to_string())? {
                     0 => return Err("the connection took no more bytes".into()),
                     n => sent += n,
+                }
+            }
+            () = &mut deadline, if armed => {
+                // Replies come in order: nothing behind an unanswered command can be
+                // answered before it, so the whole connection has failed.
+                let oldest = shared.state().waiting.front().map(|(_, queued)| *queued);
+                match oldest {
+                    Some(queued) if queued + OP_TIMEOUT <= Instant::now() => {
+                        return Err(format!("no answer within {OP_TIMEOUT:?}"));
+                    }
+                    Some(queued) => deadline.as_mut().reset(queued + OP_TIMEOUT),
+                    None => armed = false,
                 }
             }
             () = shared.wake.notified() => {}
@@ -315,7 +276,7 @@ fn deliver(shared: &Shared, input: &mut BytesMut) -> Result<(), String> {
         let waiting = shared.state().waiting.pop_front();
         match waiting {
             // The call may have timed out and gone; its reply is dropped in its turn.
-            Some(call) => drop(call.send(reply)),
+            Some((call, _)) => drop(call.send(reply)),
             None => return Err("a reply no call asked for".into()),
         }
     }

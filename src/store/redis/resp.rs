@@ -137,6 +137,26 @@ fn server_error(text: &str) -> RedisError {
     RedisError::from((kind, "Redis answered with an error", detail.to_string()))
 }
 
+/// The start of a command as redis-server reads it: an array of `len` bulk strings.
+pub(super) fn write_array_len(out: &mut Vec<u8>, len: usize) {
+    out.push(b'*');
+    out.extend_from_slice(itoa::Buffer::new().format(len).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+pub(super) fn write_bulk(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(b'$');
+    out.extend_from_slice(itoa::Buffer::new().format(bytes.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A number as Redis takes one in a command: its decimal digits, as a bulk string.
+pub(super) fn write_bulk_int(out: &mut Vec<u8>, n: u64) {
+    write_bulk(out, itoa::Buffer::new().format(n).as_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
