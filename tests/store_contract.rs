@@ -498,12 +498,27 @@ async fn redis_loads_its_scripts_again_after_a_flush() {
 /// later call, on a new connection, is answered.
 #[tokio::test]
 async fn redis_unanswered_call_is_unavailable_and_the_next_is_answered() {
+    unanswered_call(false).await;
+}
+
+/// The same after the connection has been quiet longer than the store's 2 s: its
+/// watchdog, idle meanwhile, times the next call.
+#[tokio::test]
+async fn redis_unanswered_call_after_a_quiet_spell_is_unavailable() {
+    unanswered_call(true).await;
+}
+
+async fn unanswered_call(quiet_first: bool) {
     // Holds Redis for 3 s: every other client's command waits, unanswered.
     const SPIN: &str = "local t = redis.call('TIME') repeat local n = redis.call('TIME') \
         until (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 3000000 return 1";
     let server = RedisServer::start().await;
     let store = redis_store(server.url(), Duration::from_secs(30)).await;
     claim(&store, 60, None).await.release();
+    if quiet_first {
+        // Not a synchronisation: the quiet spell is the condition under test.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
     let mut blocker = server.connection().await;
     let spin = tokio::spawn(async move {
         let _: ::redis::RedisResult<i64> = ::redis::cmd("EVAL")

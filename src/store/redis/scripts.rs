@@ -164,7 +164,10 @@ mod tests {
         assert_eq!(out[6..], call.cmd().get_packed_command()[..]);
         let mut load = Vec::new();
         scripts.begin.write_load(&mut load);
-        let expected = ::redis::cmd("SCRIPT").arg("LOAD").arg(BEGIN).get_packed_command();
+        let expected = ::redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(BEGIN)
+            .get_packed_command();
         assert_eq!(load, expected);
     }
 }
