@@ -8,10 +8,11 @@ use std::time::Duration;
 use ::redis::aio::ConnectionLike;
 use ::redis::{Cmd, Pipeline, RedisFuture, Value};
 
-use super::pipe::Pipe;
 use super::RedisStore;
 
-/// Longest any one store call may take before the store counts as unavailable.
+/// Longest Redis may take to answer a command before the store counts as unavailable.
+/// A store call is one command, or three when its script must be loaded again (after a
+/// restart or `SCRIPT FLUSH`); each is bounded.
 pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One node, through a reconnecting manager, or a Cluster.
@@ -19,14 +20,6 @@ pub(super) const OP_TIMEOUT: Duration = Duration::from_secs(2);
 pub(super) enum Conn {
     Single(::redis::aio::ConnectionManager),
     Cluster(::redis::cluster_async::ClusterConnection),
-}
-
-/// A serving thread's own connection to a single node: our [`Pipe`] over plain TCP,
-/// redis-rs's over TLS or a Unix socket.
-#[derive(Clone)]
-pub(super) enum ThreadConn {
-    Pipe(Pipe),
-    Conn(Conn),
 }
 
 impl ConnectionLike for Conn {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
+use ::redis::Value;
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -27,21 +27,16 @@ mod conn;
 mod keys;
 mod pipe;
 mod resp;
+mod run;
 mod scripts;
 mod waiters;
 
-use conn::{manager_config, nodelay, tls_roots, Conn, ThreadConn, OP_TIMEOUT};
+use conn::{manager_config, nodelay, tls_roots, Conn};
 use keys::Keys;
 use scripts::{Arg, Call, Scripts};
 use waiters::parse_id;
 
-thread_local! {
-    /// Each serving thread's connections, by store.
-    /// Each entry remembers the store's [`RedisStore::generation`] it was made in.
-    static THREAD_CONNS: std::cell::RefCell<HashMap<u64, (u64, ThreadConn)>> = Default::default();
-}
-
-/// Tells stores apart in [`THREAD_CONNS`] (an address could be reused).
+/// Tells stores apart in each thread's own connections (an address could be reused).
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
 pub struct RedisStore {
@@ -140,97 +135,8 @@ impl RedisStore {
             .ok_or_else(|| unavailable("not connected yet"))
     }
 
-    fn forget_thread_conn(&self) {
-        THREAD_CONNS.with(|conns| conns.borrow_mut().remove(&self.id));
-    }
-
-    /// On a single-threaded runtime (a serving thread, see `server::workers`), this
-    /// thread's own connection to a single node: its task runs on this thread, so a
-    /// store call does not hop to another runtime and back (measured: replay 32.6k →
-    /// 44.1k req/s, miss 12.3k → 15.6k). Over plain TCP it is our own [`pipe`]; over
-    /// TLS, redis-rs's. `None` elsewhere, and for a Cluster.
-    fn thread_conn(&self) -> Option<ThreadConn> {
-        use tokio::runtime::{Handle, RuntimeFlavor};
-        let flavor = Handle::try_current().ok()?.runtime_flavor();
-        if flavor != RuntimeFlavor::CurrentThread || self.urls.len() != 1 {
-            return None;
-        }
-        let generation = self.generation.load(Ordering::Acquire);
-        THREAD_CONNS.with(|conns| {
-            let mut conns = conns.borrow_mut();
-            match conns.get(&self.id) {
-                Some((_, ThreadConn::Pipe(pipe))) if pipe.is_broken() => {}
-                Some((made, conn)) if *made == generation => return Some(conn.clone()),
-                _ => {}
-            }
-            let client = self.client(&self.urls[0]).ok()?;
-            let conn = match pipe::Pipe::open(client.get_connection_info()) {
-                Some(pipe) => ThreadConn::Pipe(pipe),
-                None => {
-                    // No response timer of its own: `invoke`'s covers each call, and a
-                    // call that fails drops this connection (one timer per call was ~2%
-                    // of a miss). Lazy: it connects on first use, from this thread.
-                    let config = manager_config().set_response_timeout(None);
-                    let manager = client.get_connection_manager_lazy(config).ok()?;
-                    ThreadConn::Conn(Conn::Single(manager))
-                }
-            };
-            conns.insert(self.id, (generation, conn.clone()));
-            Some(conn)
-        })
-    }
-
     fn keys(&self, id: RecordId) -> Keys {
         Keys::new(&self.prefix, id)
-    }
-
-    async fn run(&self, call: Call<'_>) -> Result<Value, StoreError> {
-        // Never retried: a script that timed out may have run.
-        let answer = match self.thread_conn() {
-            Some(ThreadConn::Pipe(pipe)) => Self::invoke_pipe(&call, &pipe).await,
-            Some(ThreadConn::Conn(mut local)) => Self::invoke(&call, &mut local).await,
-            None => return Self::invoke(&call, &mut self.conn()?).await,
-        };
-        if answer.is_err() {
-            // The next call on this thread starts from a fresh connection.
-            self.forget_thread_conn();
-        }
-        answer
-    }
-
-    /// A Redis restarted (or `SCRIPT FLUSH`ed) since the last call: load and try again.
-    fn no_script<T>(answer: &RedisResult<T>) -> bool {
-        matches!(answer, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
-    }
-
-    /// The pipe bounds each command's wait itself (see [`pipe::Pipe::call`]).
-    async fn invoke_pipe(call: &Call<'_>, pipe: &pipe::Pipe) -> Result<Value, StoreError> {
-        let mut answer = pipe.call(|out| call.write(out)).await;
-        if Self::no_script(&answer) {
-            answer = match pipe.call(|out| call.lua.write_load(out)).await {
-                Ok(_) => pipe.call(|out| call.write(out)).await,
-                Err(e) => Err(e),
-            };
-        }
-        answer.map_err(unavailable)
-    }
-
-    async fn invoke(call: &Call<'_>, conn: &mut Conn) -> Result<Value, StoreError> {
-        let cmd = call.cmd();
-        let answer = async {
-            match cmd.query_async::<Value>(conn).await {
-                answer if Self::no_script(&answer) => {
-                    call.lua.script.load_async(conn).await?;
-                    cmd.query_async::<Value>(conn).await
-                }
-                answer => answer,
-            }
-        };
-        match tokio::time::timeout(OP_TIMEOUT, answer).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(unavailable(e)),
-            Err(_) => Err(unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
-        }
     }
 
     /// A script answered 0: the token no longer owns the lock.

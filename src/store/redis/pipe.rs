@@ -63,6 +63,13 @@ struct State {
     overdue: bool,
 }
 
+impl State {
+    /// Failed, or about to: a call made now could not be answered.
+    fn ended(&self) -> bool {
+        self.failed.is_some() || self.overdue
+    }
+}
+
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while the lock was held cannot leave `State` half-changed.
@@ -114,7 +121,7 @@ impl Pipe {
 
     /// The connection has ended: the thread should make a new one before its next call.
     pub(super) fn is_broken(&self) -> bool {
-        self.0.shared.state().failed.is_some()
+        self.0.shared.state().ended()
     }
 
     /// One command, written by `write` straight into the connection's buffer, and its
@@ -126,7 +133,11 @@ impl Pipe {
         let (tx, rx) = oneshot::channel();
         let unwatched = {
             let mut state = shared.state();
-            if let Some(why) = &state.failed {
+            if state.ended() {
+                let why = state
+                    .failed
+                    .as_deref()
+                    .unwrap_or("a command went unanswered");
                 return Err(broken(why));
             }
             write(&mut state.out);
@@ -182,7 +193,9 @@ impl Drop for Ending {
 }
 
 /// Fails the connection when its oldest command has waited [`OP_TIMEOUT`] for a reply:
-/// replies come in order, so nothing behind it can be answered sooner. One timer a
+/// replies come in order, so nothing behind it can be answered sooner, and every call
+/// waiting on the connection fails with it, the newest too (their scripts may have run,
+/// as with any call that times out). One timer a
 /// connection, set again when it fires, and none while nothing waits (a timer a call,
 /// polled on every pass, was ~2% of a Redis miss's instructions).
 async fn watch(shared: Arc<Shared>) {
@@ -239,13 +252,8 @@ async fn serve(
                 return Err(format!("no answer within {OP_TIMEOUT:?}"));
             }
             if sent == out.len() {
-                out.clear();
+                take_commands(&mut state, &mut out);
                 sent = 0;
-                if out.capacity() > KEEP {
-                    // A burst of large records; do not hold its buffer for good.
-                    out = Vec::new();
-                }
-                std::mem::swap(&mut out, &mut state.out);
             }
         }
         if input.is_empty() && input.capacity() > KEEP {
@@ -269,6 +277,16 @@ async fn serve(
             () = shared.wake.notified() => {}
         }
     }
+}
+
+/// Swaps the (written) buffer `out` for the commands calls have gathered since.
+fn take_commands(state: &mut State, out: &mut Vec<u8>) {
+    out.clear();
+    if out.capacity() > KEEP {
+        // A burst of large records; do not hold its buffer for good.
+        *out = Vec::new();
+    }
+    std::mem::swap(out, &mut state.out);
 }
 
 /// Connects, then authenticates and selects the database when the URL asks for them,
@@ -297,13 +315,13 @@ async fn connect(
 }
 
 /// Hands every whole reply in `input` to the call that waits for it: replies come in the
-/// order the commands were written, and `send` queued each waiter with its command.
+/// order the commands were written, and `call` queued each waiter with its command.
 fn deliver(shared: &Shared, input: &mut BytesMut) -> Result<(), String> {
     while let Some((reply, used)) = resp::parse(input)? {
         input.advance(used);
         let waiting = shared.state().waiting.pop_front();
         match waiting {
-            // The call may have timed out and gone; its reply is dropped in its turn.
+            // The caller's future may have been dropped; its reply is dropped in its turn.
             Some((call, _)) => drop(call.send(reply)),
             None => return Err("a reply no call asked for".into()),
         }

@@ -1,7 +1,8 @@
 //! RESP2 replies as [`pipe`](super::pipe) reads them: one whole reply at the start of a
 //! buffer, or `None` while it is still arriving. A server's error reply becomes the
 //! `RedisError` redis-rs would have made of it (`NOSCRIPT` keeps its kind, so a call
-//! can load its script and try again).
+//! can load its script and try again). Commands go the other way as arrays of bulk
+//! strings, written by [`write_array_len`] and [`write_bulk`].
 
 use ::redis::{ErrorKind, RedisError, ServerErrorKind, Value};
 

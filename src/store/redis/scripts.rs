@@ -95,8 +95,9 @@ pub(super) enum Arg<'a> {
 }
 
 /// An `EVALSHA` of `lua` on `keys` with `args`, written only when it is sent: straight
-/// into a serving thread's connection buffer as RESP (the record copied once, no
-/// allocation), or as a redis-rs `Cmd` for its connections (TLS, Unix sockets, Cluster).
+/// into a serving thread's connection buffer as RESP (the record copied once, into the
+/// buffer the connection writes from), or as a redis-rs `Cmd` for its connections (TLS,
+/// Unix sockets, Cluster).
 pub(super) struct Call<'a> {
     pub(super) lua: &'a Lua,
     pub(super) keys: &'a [&'a str],
@@ -123,7 +124,18 @@ impl Call<'_> {
 
     /// The same command for redis-rs, which routes a Cluster's commands by their keys.
     pub(super) fn cmd(&self) -> Cmd {
-        let mut cmd = ::redis::cmd("EVALSHA");
+        // Sized once: a multi-MiB record would otherwise grow the buffer several times.
+        let bytes = self.keys.iter().map(|k| k.len() + 16).sum::<usize>()
+            + self
+                .args
+                .iter()
+                .map(|a| match a {
+                    Arg::Bytes(b) => b.len() + 16,
+                    Arg::Int(_) => 36,
+                })
+                .sum::<usize>();
+        let mut cmd = Cmd::with_capacity(3 + self.keys.len() + self.args.len(), 80 + bytes);
+        cmd.arg("EVALSHA");
         cmd.arg(self.lua.script.get_hash()).arg(self.keys.len());
         for key in self.keys {
             cmd.arg(*key);
